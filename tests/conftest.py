@@ -67,3 +67,18 @@ def converted_model(weights_dir: Path):
         return path
 
     return get
+
+
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A skipped test is not a passing one: any skip fails the run."""
+    if _skipped and exitstatus == 0:
+        print(f"\n{len(_skipped)} test(s) skipped; every test must run: {', '.join(_skipped)}")
+        session.exitstatus = 1
