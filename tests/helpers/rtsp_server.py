@@ -5,18 +5,21 @@ Run as a script with the system Python (it needs GStreamer's RTSP server through
     /usr/bin/python3 tests/helpers/rtsp_server.py --port 0 [--clip bikes.mp4]
 
 It serves H.264 at ``rtsp://127.0.0.1:<port>/stream`` and prints ``port <n>`` once it listens.
-Without ``--clip`` it serves an endless live test pattern (a moving ball, 25 fps); with ``--clip``
-it serves the clip's own H.264 track (no re-encoding) at its frame rate, from the start for
-each client, ``--clip-loops`` times over.
+Without ``--clip`` it serves an endless live test pattern (a moving ball, 320x240, 25 fps); with
+``--clip`` it serves the clip's own H.264 track (no re-encoding) at its frame rate, from the start
+for each client; at the clip's end the stream ends (a reader reconnects and it plays again).
 
-The test side (``RtspServer`` and the ``rtsp_server`` fixture) runs under the project's Python and
-imports nothing from GStreamer.
+The test side runs under the project's Python and imports nothing from GStreamer: ``RtspServer``
+(start / stop / restart on the same port, freeze / thaw; ``clip_loops`` serves a clip repeated by
+stream copy) and the fixtures ``rtsp_server`` and ``rtsp_clip_server``. A test module loads the
+fixtures with ``pytest_plugins = ["helpers.rtsp_server"]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -108,7 +111,9 @@ class RtspServer:
         if clip is not None:
             cmd += ["--clip", os.fspath(clip)]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        line = self._proc.stdout.readline() if self._proc.stdout else ""
+        assert self._proc.stdout is not None
+        ready, _, _ = select.select([self._proc.stdout], [], [], READY_TIMEOUT)
+        line = self._proc.stdout.readline() if ready else ""
         if not line.startswith("port "):
             self.stop()
             raise RuntimeError(f"RTSP test server did not start: {cmd}")
@@ -122,6 +127,7 @@ class RtspServer:
             self._proc.kill()
         else:
             self._proc.terminate()
+            self._proc.send_signal(signal.SIGCONT)  # a frozen server must wake to see SIGTERM
         try:
             self._proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -130,6 +136,16 @@ class RtspServer:
         if self._proc.stdout:
             self._proc.stdout.close()
         self._proc = None
+
+    def freeze(self) -> None:
+        """Suspend the server process: connections stay open but nothing more arrives."""
+        assert self._proc is not None, "not running"
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Resume a frozen server."""
+        assert self._proc is not None, "not running"
+        self._proc.send_signal(signal.SIGCONT)
 
     def restart(self, kill: bool = True) -> None:
         """Stop and start again on the same port."""
@@ -159,7 +175,7 @@ if pytest is not None:
 
     @pytest.fixture
     def rtsp_clip_server(bikes_clip: Path) -> Iterator[RtspServer]:
-        """A running RTSP server playing bikes.mp4 (10 s, 25 fps) for each client."""
+        """A running RTSP server playing bikes.mp4 (640x272, 25 fps, 10 s) for each client."""
         server = RtspServer(clip=bikes_clip)
         server.start()
         yield server

@@ -1,0 +1,482 @@
+"""Where frames come from: one small capture backend per kind of source, and ``FrameReader``.
+
+A backend (``Capture``) only knows how to ``open``, ``read`` and ``close`` its kind of source:
+
+| kind | URI | backend |
+|---|---|---|
+| camera | ``/dev/videoN``, ``/dev/v4l/by-id/...`` or ``N`` | ``V4L2Capture`` |
+| network | ``rtsp://``, ``rtsps://``, ``http://``, ``https://`` (MJPEG) | ``NetworkCapture`` |
+| video file | any other existing file | ``VideoFileCapture`` |
+| still image | a file ending in ``.jpg``, ``.png``, ... | ``ImageCapture`` |
+| folder | a directory: its images, sorted by name | ``FolderCapture`` |
+
+``FrameReader`` runs one backend on a thread. It keeps only the newest frame (bounded latency;
+frames overwritten before being taken are counted as drops), reopens a live source that fails
+with capped exponential backoff, paces or hands over file frames, and reports each state change
+("opening", "streaming", "reconnecting", "ended", "stopped") through ``on_state``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import cv2
+import numpy as np
+
+from edged.config import SourceConfig
+from edged.errors import EdgedError
+from edged.frame import Frame
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".webp", ".tif", ".tiff",
+    ".pbm", ".pgm", ".ppm", ".pnm", ".pxm", ".sr", ".ras", ".jp2", ".hdr", ".pic", ".avif",
+})
+NETWORK_SCHEMES = frozenset({"rtsp", "rtsps", "http", "https"})
+
+BACKOFF_START = 0.5  # seconds before the first reopen; doubles up to SourceConfig.reconnect_max
+FPS_WINDOW = 25  # frames over which the current frame rate is measured
+REPEAT_STRIDE = 8  # pixel step of the sample that detects a frozen (repeating) live source
+STOP_JOIN_MARGIN = 2.0  # seconds beyond a blocking open/read that stop() waits for the thread
+
+StateCallback = Callable[[str, str], None]
+
+
+def redact(uri: str) -> str:
+    """``uri`` without its password, for messages and logs."""
+    scheme, sep, rest = uri.partition("://")
+    userinfo, at, hostpart = rest.partition("@")
+    if not sep or not at or "/" in userinfo or ":" not in userinfo:
+        return uri
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hostpart}"
+
+
+def to_bgr(image: np.ndarray | None) -> np.ndarray | None:
+    """``image`` as H x W x 3 uint8 BGR (gray and BGRA converted), or None if it is unusable."""
+    if image is None or image.size == 0 or image.dtype != np.uint8:
+        return None
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.ndim != 3:
+        return None
+    if image.shape[2] == 3:
+        return image
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    return None
+
+
+class Capture(ABC):
+    """One kind of source. ``read`` returns the next image (possibly unusable: the reader checks
+    it) or None when the source has nothing more: the end of a finite source, or a failure."""
+
+    #: files, images and folders end normally; cameras and streams are expected to run forever
+    finite: bool = False
+    #: the source's own frame rate, for pacing finite sources in real time (None: unknown)
+    fps: float | None = None
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    @abstractmethod
+    def open(self) -> str:
+        """Open the source; return a one-line description of what it delivers.
+        Raise EdgedError if it cannot be opened now (the reader retries)."""
+
+    @abstractmethod
+    def read(self) -> np.ndarray | None:
+        """The next image, or None at the end of the source or on failure."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the source; ``open`` may be called again afterwards."""
+
+
+class _VideoCaptureBase(Capture):
+    """The backends that sit on ``cv2.VideoCapture``."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self._cap: cv2.VideoCapture | None = None
+
+    def _open(self, source: int | str, api: int, params: list[int],
+              problem: str) -> cv2.VideoCapture:
+        """Open ``source`` with ``api``, or raise EdgedError ``<uri>: <problem>``."""
+        cap = cv2.VideoCapture(source, api, params)
+        if not cap.isOpened():
+            cap.release()
+            raise EdgedError(f"{redact(self.uri)}: {problem}")
+        self._cap = cap
+        return cap
+
+    def _describe(self) -> str:
+        """Learn the opened source's frame rate (for pacing) and return ``WxH @ fps``."""
+        assert self._cap is not None
+        fps = self._cap.get(cv2.CAP_PROP_FPS)
+        # Containers without a rate report 0, some streams a 90 kHz clock: neither paces.
+        self.fps = fps if 0 < fps <= 1000 else None
+        width = int(self._cap.get(cv2.CAP_PROP_FRAME_WIDTH))
+        height = int(self._cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        return f"{width}x{height}" + (f" @ {self.fps:g} fps" if self.fps else "")
+
+    def read(self) -> np.ndarray | None:
+        assert self._cap is not None, "read before open"
+        ok, image = self._cap.read()
+        return image if ok else None
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+
+class V4L2Capture(_VideoCaptureBase):
+    """A V4L2 camera. The configured pixel format, size and rate are requested; the description
+    says what the device actually gave (devices silently pick the nearest mode they have)."""
+
+    def __init__(self, uri: str, config: SourceConfig) -> None:
+        super().__init__(uri)
+        self._device: int | str = int(uri) if uri.isdigit() else uri
+        self._config = config
+
+    def open(self) -> str:
+        config = self._config
+        cap = self._open(self._device, cv2.CAP_V4L2, [], "cannot open the V4L2 device")
+        # The pixel format first: it decides which sizes and rates the device offers.
+        requests = [(cv2.CAP_PROP_FOURCC, config.fourcc and cv2.VideoWriter.fourcc(*config.fourcc)),
+                    (cv2.CAP_PROP_FRAME_WIDTH, config.width),
+                    (cv2.CAP_PROP_FRAME_HEIGHT, config.height),
+                    (cv2.CAP_PROP_FPS, config.fps)]
+        for prop, value in requests:
+            if value:
+                cap.set(prop, value)
+        code = int(cap.get(cv2.CAP_PROP_FOURCC))
+        fourcc = "".join(chr((code >> (8 * i)) & 0xFF) for i in range(4)).strip("\x00 ")
+        got = f"{self._describe()} {fourcc}"
+        asked = " ".join(filter(None, [
+            f"{config.width or '?'}x{config.height or '?'}" if config.width or config.height
+            else "", f"@ {config.fps:g} fps" if config.fps else "", config.fourcc or ""]))
+        return f"{got} (asked {asked})" if asked else got
+
+
+class NetworkCapture(_VideoCaptureBase):
+    """An RTSP or HTTP(S) MJPEG stream through FFmpeg, with open and read timeouts so a dead
+    server costs seconds, not FFmpeg's default 30 s per read."""
+
+    def __init__(self, uri: str, open_timeout: float, read_timeout: float) -> None:
+        super().__init__(uri)
+        self._params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(open_timeout * 1000),
+                        cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(read_timeout * 1000)]
+
+    def open(self) -> str:
+        self._open(self.uri, cv2.CAP_FFMPEG, self._params,
+                   "cannot open the stream (refused, timed out or not a video stream)")
+        return self._describe()
+
+
+class VideoFileCapture(_VideoCaptureBase):
+    """A video file, read from its start at each ``open``."""
+
+    finite = True
+
+    def open(self) -> str:
+        cap = self._open(self.uri, cv2.CAP_FFMPEG, [], "not a readable video file")
+        frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        return self._describe() + (f", {frames} frames" if frames > 0 else "")
+
+
+class FolderCapture(Capture):
+    """The images of a folder in name order, listed again at each ``open`` (so a loop sees
+    images added meanwhile). An image that does not decode is handed on empty: a bad frame."""
+
+    finite = True
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self._pending: deque[Path] = deque()
+
+    def _paths(self) -> list[Path]:
+        folder = Path(self.uri)
+        return sorted(path for path in folder.iterdir()
+                      if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
+
+    def open(self) -> str:
+        try:
+            self._pending = deque(self._paths())
+        except OSError as exc:
+            raise EdgedError(f"{self.uri}: cannot list the folder ({exc.strerror})") from None
+        if not self._pending:
+            raise EdgedError(f"{self.uri}: the folder holds no images")
+        return f"{len(self._pending)} images"
+
+    def read(self) -> np.ndarray | None:
+        if not self._pending:
+            return None
+        image = cv2.imread(str(self._pending.popleft()), cv2.IMREAD_COLOR)
+        return image if image is not None else np.empty((0, 0, 3), np.uint8)
+
+    def close(self) -> None:
+        self._pending.clear()
+
+
+class ImageCapture(Capture):
+    """One still image, decoded at each ``open`` (a loop repeats it)."""
+
+    finite = True
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self._image: np.ndarray | None = None
+
+    def open(self) -> str:
+        image = cv2.imread(self.uri, cv2.IMREAD_COLOR)
+        if image is None:
+            raise EdgedError(f"{self.uri}: not a readable image")
+        self._image = image
+        return f"{image.shape[1]}x{image.shape[0]} still image"
+
+    def read(self) -> np.ndarray | None:
+        image, self._image = self._image, None
+        return image
+
+    def close(self) -> None:
+        self._image = None
+
+
+def make_capture(config: SourceConfig) -> Capture:
+    """The backend for ``config.uri``, unopened, after checking everything that waiting cannot
+    fix: the URI's form, that files and folders exist, that a file is a video or an image.
+
+    Raises EdgedError naming the URI. The daemon's ``check`` calls this; ``FrameReader.start``
+    does too. Cameras and streams are not contacted here: they may come up later.
+    """
+    uri = str(config.uri).strip()
+    if not uri:
+        raise EdgedError("source: the uri is empty")
+    if "://" in uri:
+        scheme = uri.split("://", 1)[0].lower()
+        if scheme not in NETWORK_SCHEMES:
+            raise EdgedError(f"{redact(uri)}: unknown source scheme '{scheme}://' (use rtsp://, "
+                             "http:// or https:// (MJPEG), /dev/videoN, a file or a folder)")
+        try:
+            parts = urlsplit(uri)
+            parts.port  # noqa: B018 (parsing the port is the check)
+        except ValueError as exc:
+            raise EdgedError(f"{redact(uri)}: bad URL ({exc})") from None
+        if not parts.hostname:
+            raise EdgedError(f"{redact(uri)}: the URL has no host")
+        return NetworkCapture(uri, config.open_timeout, config.read_timeout)
+    if uri.isdigit() or uri.startswith("/dev/"):
+        if config.fourcc is not None and len(config.fourcc) != 4:
+            raise EdgedError(f"{uri}: fourcc must be 4 characters, got {config.fourcc!r}")
+        return V4L2Capture(uri, config)
+    path = Path(uri).expanduser()
+    if path.is_dir():
+        capture: Capture = FolderCapture(str(path))
+    elif not path.exists():
+        raise EdgedError(f"{uri}: no such file or folder")
+    elif path.suffix.lower() in IMAGE_SUFFIXES:
+        capture = ImageCapture(str(path))
+    else:
+        capture = VideoFileCapture(str(path))
+    # Local sources answer at once: a file that does not open now never will.
+    capture.open()
+    capture.close()
+    return capture
+
+
+class FrameReader:
+    """Reads one source on a thread and hands the newest frame to one consumer.
+
+    ``on_state(state, detail)`` is called on every state change, from the reader thread (and
+    from the caller's for "opening" in ``start`` and "stopped" in ``stop``); keep it quick.
+
+    Live sources (cameras, streams) never wait for the consumer: a frame not taken before the
+    next arrives is dropped and counted. Finite sources with ``realtime`` and a known frame rate
+    are paced at that rate (and drop the same way); otherwise each frame waits until the
+    consumer has taken the previous one, so none is lost. A live source that fails to open,
+    fails, or stalls is reopened forever with backoff doubling from 0.5 s to ``reconnect_max``.
+    """
+
+    def __init__(self, config: SourceConfig, on_state: StateCallback | None = None) -> None:
+        self.config = config
+        self.state = "stopped"
+        self.detail = ""  # what the current state is about: the stream's format, the error
+        self.frames = 0  # frames handed over (good ones); the next frame's index
+        self.drops = 0  # frames overwritten before the consumer took them
+        self.bad_frames = 0  # frames skipped as empty or malformed
+        self.reconnects = 0  # reopen attempts after a failure
+        self.source_fps: float | None = None  # the rate the source declares, once it is open
+        self._on_state = on_state
+        self._cond = threading.Condition()
+        self._slot: Frame | None = None
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._times: deque[float] = deque(maxlen=FPS_WINDOW)
+
+    @property
+    def fps(self) -> float:
+        """Frames per second measured over the last few frames (0 when not streaming or before
+        the second frame; ``source_fps`` is the declared rate)."""
+        times = list(self._times)
+        if self.state != "streaming" or len(times) < 2 or times[-1] <= times[0]:
+            return 0.0
+        return (len(times) - 1) / (times[-1] - times[0])
+
+    def stats(self) -> dict[str, float | int | str]:
+        """The counters, for status messages."""
+        return {"state": self.state, "frames": self.frames, "drops": self.drops,
+                "bad_frames": self.bad_frames, "reconnects": self.reconnects,
+                "fps": round(self.fps, 2)}
+
+    def start(self) -> None:
+        """Check the source (EdgedError if it can never work) and start reading."""
+        assert self._thread is None, "a FrameReader starts once"
+        capture = make_capture(self.config)
+        self._set_state("opening", redact(capture.uri))
+        self._thread = threading.Thread(target=self._run, args=(capture,),
+                                        name=f"reader {redact(capture.uri)}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop reading and release the source (waits for a blocking open/read to return)."""
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(max(self.config.open_timeout, self.config.read_timeout)
+                              + STOP_JOIN_MARGIN)
+        self._set_state("stopped")
+
+    def get(self, timeout: float) -> Frame | None:
+        """The newest frame not yet returned, waiting up to ``timeout`` seconds for one;
+        None on timeout, or at once after the last frame of an ended or stopped source."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._slot is None:
+                remaining = deadline - time.monotonic()
+                if self.state in ("ended", "stopped") or remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            frame, self._slot = self._slot, None
+            self._cond.notify_all()
+            return frame
+
+    # -- the reader thread --------------------------------------------------------------------
+
+    def _set_state(self, state: str, detail: str = "") -> None:
+        """Record a state change and report it; a stopped reader stays stopped."""
+        with self._cond:
+            if state == self.state or (self.state == "stopped" and state != "opening"):
+                return
+            self.state, self.detail = state, detail
+            self._cond.notify_all()
+        log.info("source %s: %s%s", redact(self.config.uri), state, f" ({detail})" * bool(detail))
+        if self._on_state is not None:
+            try:
+                self._on_state(state, detail)
+            except Exception:  # a broken listener must not stop the frames
+                log.exception("on_state callback failed")
+
+    def _run(self, capture: Capture) -> None:
+        backoff = BACKOFF_START
+        try:
+            while not self._stopping.is_set():
+                try:
+                    description = capture.open()
+                except EdgedError as exc:
+                    outcome, detail = "lost", str(exc)
+                else:
+                    self.source_fps = capture.fps
+                    self._set_state("streaming", description)
+                    before = self.frames
+                    outcome, detail = self._pump(capture)
+                    capture.close()
+                    if self.frames > before:
+                        backoff = BACKOFF_START
+                    if outcome == "end":
+                        if not self.config.loop or self.frames == before:
+                            self._set_state("ended", detail)
+                            return
+                        continue
+                if outcome == "stop":
+                    return
+                self._set_state("reconnecting", detail)
+                if self._stopping.wait(backoff):
+                    return
+                backoff = min(backoff * 2, self.config.reconnect_max)
+                self.reconnects += 1
+        except Exception as exc:  # never die silently: the daemon sees the state
+            log.exception("source %s: reader failed", redact(self.config.uri))
+            self._set_state("ended", f"reader failed: {exc}")
+        finally:
+            capture.close()
+
+    def _pump(self, capture: Capture) -> tuple[str, str]:
+        """Read an opened source until it ends ("end"), fails ("lost") or we stop ("stop")."""
+        read_timeout = self.config.read_timeout
+        pace_fps = capture.fps if capture.finite and self.config.realtime else None
+        period = 1.0 / pace_fps if pace_fps else 0.0
+        paced = period > 0
+        wait = capture.finite and not paced
+        due = time.monotonic() - period  # the first frame goes at once
+        last_new = time.monotonic()  # the last good frame that differed from the one before
+        previous: np.ndarray | None = None  # a sparse sample of the last frame
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            try:
+                raw = capture.read()
+            except cv2.error as exc:
+                return ("end", f"read failed: {exc}") if capture.finite else ("lost", str(exc))
+            now = time.monotonic()
+            if raw is None:
+                return ("end", "end of source") if capture.finite else ("lost", "stream ended")
+            image = to_bgr(raw)
+            if image is None:
+                self.bad_frames += 1
+                if not capture.finite and now - last_new > read_timeout:
+                    return "lost", f"no usable frame for {read_timeout:g} s"
+                continue
+            if not capture.finite:
+                # After a stalled read FFmpeg hands out old decoder frames: the stream is dead.
+                if now - started >= read_timeout:
+                    return "lost", f"no frame for {read_timeout:g} s"
+                # A frozen source repeats its last frame; a live scene never does for long.
+                # Sensor noise touches every pixel, so a sparse sample tells them apart cheaply.
+                sample = image[::REPEAT_STRIDE, ::REPEAT_STRIDE].copy()
+                if previous is None or not np.array_equal(sample, previous):
+                    last_new = now
+                elif now - last_new > read_timeout:
+                    return "lost", f"the same frame for {read_timeout:g} s"
+                previous = sample
+            if paced:
+                due = max(due + period, now - period)  # late frames do not cause a burst
+                if self._stopping.wait(max(0.0, due - now)):
+                    break
+            self._put(image, wait)
+        return "stop", ""
+
+    def _put(self, image: np.ndarray, wait: bool) -> None:
+        """Hand a frame to the consumer (waiting for the slot if ``wait``), dropping the
+        untaken one otherwise."""
+        with self._cond:
+            while wait and self._slot is not None and not self._stopping.is_set():
+                self._cond.wait()
+            if self._stopping.is_set():
+                return
+            if self._slot is not None:
+                self.drops += 1
+            now = time.monotonic()
+            self._slot = Frame(image=image, index=self.frames, wall_time=time.time(),
+                               mono_time=now)
+            self.frames += 1
+            self._times.append(now)
+            self._cond.notify_all()
