@@ -20,7 +20,8 @@ class Summary:
 
     def __str__(self) -> str:
         h, w = self.input_size
-        return f"{self.params / 1e6:.2f}M parameters, {self.madds / 1e6:.0f}M multiply-adds at {h}x{w}"
+        return (f"{self.params / 1e6:.2f}M parameters, {self.madds / 1e6:.0f}M multiply-adds "
+                f"at {h}x{w}")
 
 
 def count_params(model: nn.Module) -> int:
