@@ -113,21 +113,36 @@ class MobileNetV2(nn.Module):
         width_mult: the paper's width multiplier (0.35 to 1.4).
         tf_padding: pad stride-2 convs like TensorFlow "SAME" (for TF-trained weights).
         dropout: dropout before the classifier (inactive in eval / export).
+        output_stride: stop downsampling at this stride (8, 16 or 32) and dilate the later
+            depthwise convs instead, as DeepLab does (None = 32, the classifier).
+        round_nearest: round channel counts to a multiple of this (1 = no rounding, as in
+            DeepLab's width-0.5 checkpoint: 12 channels where 8-rounding gives 16).
     """
 
     def __init__(self, num_classes: int = 1000, width_mult: float = 1.0,
-                 tf_padding: bool = False, dropout: float = 0.2) -> None:
+                 tf_padding: bool = False, dropout: float = 0.2,
+                 output_stride: int | None = None, round_nearest: int = 8) -> None:
         super().__init__()
         if not 0.35 <= width_mult <= 1.4:
             raise ValueError(f"width_mult must be between 0.35 and 1.4, got {width_mult}")
-        in_ch = make_divisible(32 * width_mult)
+        if output_stride not in (None, 8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        in_ch = make_divisible(32 * width_mult, round_nearest)
         # The last conv keeps 1280 channels for multipliers below 1 (paper, section 6.1).
         self.last_channel = make_divisible(1280 * max(1.0, width_mult))
         features: list[nn.Module] = [ConvBNReLU6(3, in_ch, stride=2, tf_padding=tf_padding)]
+        current_stride, dilation = 2, 1
         for t, c, n, s in INVERTED_RESIDUAL_SETTING:
-            out_ch = make_divisible(c * width_mult)
+            out_ch = make_divisible(c * width_mult, round_nearest)
             for i in range(n):
-                features.append(InvertedResidual(in_ch, out_ch, s if i == 0 else 1, t,
+                stride, block_dilation = (s if i == 0 else 1), dilation
+                if current_stride == output_stride:
+                    # Output stride reached: keep the resolution, widen later blocks instead
+                    # (the block that would have strided keeps the old rate, as in DeepLab).
+                    dilation *= stride
+                    stride = 1
+                current_stride *= stride
+                features.append(InvertedResidual(in_ch, out_ch, stride, t, block_dilation,
                                                  tf_padding=tf_padding))
                 in_ch = out_ch
         features.append(ConvBNReLU6(in_ch, self.last_channel, kernel=1))
@@ -159,3 +174,13 @@ def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0,
                  tf_padding: bool = False) -> MobileNetV2:
     """Build MobileNetV2 (randomly initialised; load a checkpoint with an importer)."""
     return MobileNetV2(num_classes=num_classes, width_mult=width_mult, tf_padding=tf_padding)
+
+
+# Registry interface (models.convert): what this architecture does and how its outputs are named.
+TASK = "classify"
+OUTPUT_NAMES: tuple[str, ...] = ("logits",)
+
+
+def build(arch: dict) -> MobileNetV2:
+    """The network for a catalog ``arch`` dict (without ``"name"``), in eval mode."""
+    return mobilenet_v2(**arch).eval()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import tflite
+import torch
+from torch import nn
 
 from edged.errors import EdgedError
 
@@ -134,3 +136,60 @@ def conv_weights(op: Operator) -> tuple[np.ndarray, np.ndarray | None]:
         raise EdgedError(f"operator {op.index} is {op.type}, not a convolution")
     bias = op.inputs[2].dequantize() if len(op.inputs) > 2 else None
     return np.ascontiguousarray(weight), bias
+
+
+def load_folded(conv: nn.Conv2d | nn.Linear, bn: nn.BatchNorm2d | None, weight: np.ndarray,
+                bias: np.ndarray) -> None:
+    """Set a conv (and its BatchNorm) to compute ``conv(x, weight) + bias``.
+
+    TFLite folds BatchNorm into the conv bias; the BatchNorm becomes a pass-through carrying
+    that bias, which keeps the trainable conv-then-BatchNorm layout (and its names).
+    """
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(weight))
+        (conv if bn is None else bn).bias.copy_(torch.from_numpy(bias))
+        if bn is not None:
+            bn.weight.fill_(1.0)
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1.0 - bn.eps)
+
+
+# --- shared by the TFLite importers: TF checkpoints with BatchNorm folded into conv biases ---
+
+Layer = tuple[nn.Conv2d | nn.Linear, nn.BatchNorm2d | None]
+
+
+def conv_bn_pairs(modules: list[nn.Module]) -> list[Layer]:
+    """Each Conv2d / Linear among ``modules`` (in order) with the BatchNorm right after it."""
+    pairs: list[Layer] = []
+    for module in modules:
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            pairs.append((module, None))
+        elif isinstance(module, nn.BatchNorm2d) and pairs and pairs[-1][1] is None:
+            pairs[-1] = (pairs[-1][0], module)
+    return pairs
+
+
+def load_convolutions(path: Path, layers: list[Layer]) -> None:
+    """Load the file's CONV_2D / DEPTHWISE_CONV_2D weights, in execution order, into ``layers``
+    (each with its folded BatchNorm, see ``load_folded``).
+
+    A Linear takes a 1x1 convolution. The first mismatch (count or shape) raises EdgedError:
+    the file is not a checkpoint of this architecture.
+    """
+    ops = TFLiteModel(path).ops("CONV_2D", "DEPTHWISE_CONV_2D")
+    for i, ((layer, bn), op) in enumerate(zip(layers, ops, strict=False)):
+        weight, bias = conv_weights(op)
+        need = tuple(layer.weight.shape)
+        if isinstance(layer, nn.Linear):
+            need = (*need, 1, 1)
+        if weight.shape != need or bias is None:
+            raise EdgedError(
+                f"{path}: convolution {i} ({op.inputs[1].name.split(';')[0]}) has weight shape "
+                f"{list(weight.shape)}, the architecture needs {list(need)} with a bias: "
+                "not a checkpoint of this architecture"
+            )
+        load_folded(layer, bn, weight.reshape(layer.weight.shape), bias)
+    if len(ops) != len(layers):
+        raise EdgedError(f"{path}: {len(ops)} convolutions, the architecture needs "
+                         f"{len(layers)}: not a checkpoint of this architecture")
