@@ -168,8 +168,11 @@ def detect(box_encodings: np.ndarray, class_logits: np.ndarray, anchors: np.ndar
     ``max_candidates`` keeps the best candidates before NMS to bound its cost.
     """
     logits = class_logits.reshape(anchors.shape[0], -1)
-    anchor_idx, class_idx = np.nonzero(logits > logit_thresholds)
-    cand_logits = logits[anchor_idx, class_idx]
+    # Compare in the logits' own dtype (no float64 upcast of A x C values); a flat index is
+    # several times cheaper to find than 2-D nonzero.
+    flat = np.flatnonzero(logits > np.asarray(logit_thresholds, dtype=logits.dtype))
+    anchor_idx, class_idx = np.divmod(flat, logits.shape[1])
+    cand_logits = logits.ravel()[flat]
     if cand_logits.size > max_candidates:
         best = np.argpartition(-cand_logits, max_candidates)[:max_candidates]
         anchor_idx, class_idx, cand_logits = anchor_idx[best], class_idx[best], cand_logits[best]
