@@ -1,0 +1,110 @@
+"""int8 vs fp32 side by side: latency ratio with 1 and 2 threads, and agreement, per model.
+
+Both models of a pair run in the same process, alternately on the same real frame, so the
+machine's load hits both alike; the ratio is the median of the per-pair ratios int8 / fp32.
+fp32 runs with ONNX Runtime's default session options (only the thread count set), as does int8.
+Agreement is measured on the 14 held-out frames (scikit-image's chelsea, astronaut, coffee,
+rocket and bikes.mp4 frames 9, 34, ..., 234).
+
+    python benchmarks/int8.py [--weights ../shared/weights] [--samples ../shared/samples]
+                              [--models NAME ...] [--runs 40] [--dir CACHE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from edged.model import load_model  # noqa: E402
+from edged.preprocess import Preprocessor  # noqa: E402
+from models.agreement import held_out_frames  # noqa: E402
+from models.convert import convert_catalog_model  # noqa: E402
+
+MODELS = ("mobilenet_v2_imagenet", "ssd_mobilenet_v2_coco", "deeplabv3_mnv2_voc")
+TARGETS = {"mobilenet_v2_imagenet": 0.45, "ssd_mobilenet_v2_coco": 0.42,
+           "deeplabv3_mnv2_voc": 0.6}
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    """ONNX Runtime defaults, ``threads`` intra-op threads."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def paired_ratio(fp32: Path, int8: Path, tensor: np.ndarray, threads: int,
+                 runs: int) -> tuple[float, float, float]:
+    """Median fp32 ms, median int8 ms and the median per-pair ratio int8 / fp32."""
+    sessions = [session(fp32, threads), session(int8, threads)]
+    feed = {"image": tensor}
+    for s in sessions:  # warm-up: first runs allocate and pack weights
+        for _ in range(3):
+            s.run(None, feed)
+    times: list[list[float]] = [[], []]
+    for i in range(runs):
+        order = (0, 1) if i % 2 == 0 else (1, 0)  # neither model always runs second
+        for k in order:
+            start = time.perf_counter()
+            sessions[k].run(None, feed)
+            times[k].append(time.perf_counter() - start)
+    ratios = [b / a for a, b in zip(*times, strict=True)]
+    return (1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1]),
+            statistics.median(ratios))
+
+
+def convert(name: str, directory: Path, weights: Path, precision: str) -> Path:
+    """The converted model, made once per cache directory."""
+    path = directory / f"{name}.{precision}.onnx"
+    if not path.exists():
+        convert_catalog_model(name, path, mirror=weights, precision=precision)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", type=Path, default=REPO.parent / "shared" / "weights")
+    parser.add_argument("--samples", type=Path, default=REPO.parent / "shared" / "samples")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--runs", type=int, default=40, help="timed pairs per thread count")
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/edged-int8-bench"),
+                        help="where converted models are kept between runs")
+    args = parser.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    frames = held_out_frames(args.samples / "bikes.mp4")
+
+    from models.agreement import agreement_report
+
+    header = ("model", "fp32 ms 1t", "int8 ms 1t", "ratio 1t", "fp32 ms 2t", "int8 ms 2t",
+              "ratio 2t", "target", "agreement")
+    rows = []
+    for name in args.models:
+        fp32, int8 = (convert(name, args.dir, args.weights, p) for p in ("fp32", "int8"))
+        # A real frame (astronaut), preprocessed as the daemon does.
+        tensor = Preprocessor(load_model(fp32, 1).info.input)(dict(frames)["astronaut"])[0]
+        cells = [name]
+        for threads in (1, 2):
+            a, b, ratio = paired_ratio(fp32, int8, tensor.copy(), threads, args.runs)
+            cells += [f"{a:.1f}", f"{b:.1f}", f"{ratio:.2f}x"]
+        cells.append(f"<= {TARGETS[name]}x")
+        cells.append(agreement_report(fp32, int8, frames, threads=2)["summary"])
+        rows.append(cells)
+        print(" | ".join(cells), file=sys.stderr, flush=True)
+
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
