@@ -25,6 +25,9 @@ from edged.errors import EdgedError
 
 Task = Literal["classify", "detect", "segment"]
 PublishPolicy = Literal["every", "change", "rate"]
+# ONNX Runtime memory: "auto" runs planned models (edged plan --budget) lean, "lean" every
+# model, "default" none (docs/memory.md).
+MemoryMode = Literal["auto", "lean", "default"]
 TASKS: tuple[str, ...] = typing.get_args(Task)
 
 
@@ -83,6 +86,12 @@ class StreamConfig:
     region: RegionConfig | None = None
     publish: PublishConfig = field(default_factory=PublishConfig)
     threads: int | None = None  # ONNX Runtime intra-op threads; None: number of cores
+    memory: MemoryMode | None = None  # None: the global memory setting
+    # Seconds without a frame while the source claims to stream (a hung driver, a server that
+    # keeps the connection open and sends nothing) before the stream counts as stalled and the
+    # systemd watchdog pings stop. Longer than source.read_timeout, after which the reader
+    # reconnects by itself.
+    stall_timeout: float = 20.0
 
 
 @dataclass
@@ -126,9 +135,10 @@ class Config:
     streams: list[StreamConfig]
     mqtt: MqttConfig | None = None  # None: no broker, results only on stdout if enabled
     stdout: bool = False  # JSON-lines sink on standard output
-    state_dir: str = "/var/lib/edged"
+    state_dir: str = field(default_factory=lambda: default_state_dir())
     model_dir: str | None = None  # where catalog models are cached; None: default cache
     stats_interval: float = 10.0  # seconds between stats messages
+    memory: MemoryMode = "auto"  # ONNX Runtime memory for every stream without its own
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def redacted(self) -> dict[str, Any]:
@@ -144,6 +154,17 @@ class Config:
             if stream.name == name:
                 return stream
         raise KeyError(name)
+
+
+def default_state_dir() -> str:
+    """$STATE_DIRECTORY (systemd's StateDirectory=), else /var/lib/edged when writable, else
+    ~/.local/state/edged (a user running ``edged run`` by hand)."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return os.environ["STATE_DIRECTORY"].split(":")[0]
+    system = Path("/var/lib/edged")
+    if os.access(system if system.exists() else system.parent, os.W_OK):
+        return str(system)
+    return str(Path.home() / ".local" / "state" / "edged")
 
 
 class ConfigError(EdgedError):
@@ -216,6 +237,7 @@ CHECKS: dict[tuple[type, str], Check] = {
     (StreamConfig, "threshold"): _between(0, 1),
     (StreamConfig, "top_k"): _between(1, 100),
     (StreamConfig, "threads"): _between(1, 256),
+    (StreamConfig, "stall_timeout"): _positive,
     (MqttConfig, "port"): _between(1, 65535),
     (MqttConfig, "topic_prefix"): _topic_prefix,
     (MqttConfig, "qos"): _between(0, 2),
@@ -495,3 +517,56 @@ VALIDATORS: dict[type, Callable[[Any, str, Path, list[str]], None]] = {
     MqttConfig: _check_mqtt,
     TLSConfig: _check_tls,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# One stream from command-line flags (``edged run --task ... --source ...``)
+
+# Where a flag's value lands in the configuration: problems are reported under the flag's name.
+FLAG_PATHS = {
+    "streams[0].source.uri": "--source", "streams[0].source": "--source",
+    "streams[0].model": "--model", "streams[0].task": "--task", "streams[0].fps": "--fps",
+    "streams[0].threshold": "--threshold", "streams[0].name": "--name", "device": "--device",
+    "mqtt.host": "--mqtt", "mqtt.port": "--mqtt", "state_dir": "--state-dir",
+}
+
+
+def single_stream_config(
+    task: str, source: str, *, model: str | None = None, mqtt: str | None = None,
+    device: str | None = None, stdout: bool = False, fps: float | None = None,
+    threshold: float | None = None, name: str = "main", realtime: bool = True,
+    state_dir: str | None = None,
+) -> Config:
+    """The ``Config`` for one stream given on the command line. Without a broker the stdout
+    sink is on. Problems name the flag they came from (``--source: no such file ...``)."""
+    stream: dict[str, Any] = {"name": name, "task": task,
+                              "source": {"uri": source, "realtime": realtime}}
+    for key, value in (("model", model), ("fps", fps), ("threshold", threshold)):
+        if value is not None:
+            stream[key] = value
+    data: dict[str, Any] = {"streams": [stream], "stdout": stdout or mqtt is None}
+    if device is not None:
+        data["device"] = device
+    if state_dir is not None:
+        data["state_dir"] = state_dir
+    problems: list[str] = []
+    if mqtt is not None:
+        host, _, port = mqtt.rpartition(":") if ":" in mqtt else (mqtt, "", "")
+        data["mqtt"] = {"host": host or mqtt}
+        if port:
+            if port.isdigit():
+                data["mqtt"]["port"] = int(port)
+            else:
+                problems.append(f"--mqtt: port {port!r} is not a number (HOST[:PORT])")
+    try:
+        config = parse_config(data, "edged run")
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if problems:
+        raise ConfigError("edged run", [_flag_problem(p) for p in problems])
+    return config
+
+
+def _flag_problem(problem: str) -> str:
+    path, _, message = problem.partition(": ")
+    return f"{FLAG_PATHS[path]}: {message}" if path in FLAG_PATHS else problem

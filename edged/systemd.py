@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Notifier:
             self._socket = None
 
 
-def _watchdog_seconds(env: os._Environ[str] | dict[str, str]) -> float | None:
+def _watchdog_seconds(env: Mapping[str, str]) -> float | None:
     """The watchdog timeout in seconds, or None when the watchdog is off or meant for another
     process (``WATCHDOG_PID`` names a different pid)."""
     usec = env.get("WATCHDOG_USEC", "")

@@ -1,0 +1,373 @@
+"""One stream's worker: reader -> preprocess -> session -> postprocess -> result -> sinks.
+
+Each stream runs in its own thread. It takes the newest frame from its ``FrameReader`` (so a slow
+model drops stale frames instead of falling behind), applies the fps limit, runs the shared
+model, decides with the publish policy whether the result goes out, and publishes results,
+retained status / meta and (detect) annotated snapshots. Commands from ``.../set`` change its
+settings live.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from edged import annotate
+from edged.config import PublishConfig, StreamConfig
+from edged.errors import EdgedError
+from edged.frame import Frame
+from edged.model import Model
+from edged.postprocess import (
+    Classification,
+    Detections,
+    PostprocessOptions,
+    Postprocessor,
+    TaskResult,
+)
+from edged.preprocess import Preprocessor
+from edged.results import ResultBuilder, Timings
+from edged.sinks import Sink
+from edged.sources import FrameReader, redact
+from edged.stats import RateMeter, Window
+
+log = logging.getLogger(__name__)
+
+# Segment results count as changed when any class's fraction moves by more than this.
+SEGMENT_CHANGE = 0.01
+
+
+@dataclass
+class Settings:
+    """What commands may change while a stream runs (copied from its ``StreamConfig``)."""
+
+    threshold: float
+    thresholds: dict[str, float]
+    fps: float | None
+    publish: PublishConfig
+    paused: bool = False
+
+    @classmethod
+    def from_config(cls, config: StreamConfig) -> Settings:
+        return cls(config.threshold, dict(config.thresholds), config.fps, replace(config.publish))
+
+
+class Pipeline:
+    """The worker of one stream. ``start()``, ``stop()``, ``command(dict) -> reply``.
+
+    ``model`` may be shared with other pipelines (ONNX Runtime sessions are thread-safe);
+    everything else (reader, preprocess buffer, policy state) belongs to this stream.
+    """
+
+    def __init__(
+        self,
+        config: StreamConfig,
+        model: Model,
+        sinks: Sequence[Sink],
+        device: str,
+        where: str = "stream",
+    ):
+        self.config = config
+        self.model = model
+        self.sinks = list(sinks)
+        self.device = device
+        self.name = config.name
+        self.where = where
+        self.settings = Settings.from_config(config)
+        self._post = self._postprocessor(self.settings)  # checks labels / thresholds vs model
+        self.stall_timeout = config.stall_timeout
+        self.preprocess = Preprocessor(model.info.input, config.region)
+        self.results = ResultBuilder(device, config.name, model.info.task, model.info.name)
+        self.reader = FrameReader(config.source, on_state=self._on_source_state)
+        self.processed = 0
+        self.published = 0
+        self.skipped = 0  # results the publish policy held back
+        self.errors = 0
+        self.fps = RateMeter()
+        self.timings = {key: Window() for key in ("preprocess", "inference", "postprocess",
+                                                  "total", "frame_age")}
+        self.source_state = "opening"
+        self.source_detail = ""
+        self._progress = time.monotonic()
+        self._last_key: Any = None
+        self._last_publish = -math.inf
+        self._last_snapshot = -math.inf
+        self._lock = threading.Lock()  # serializes setting changes (commands vs reload)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"stream-{self.name}", daemon=True)
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Publish meta, start the reader and the worker thread."""
+        self._publish("meta", self.meta(), retain=True)
+        self.reader.start()
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the reader (its last state, "stopped", is published) and the worker."""
+        self._stop.set()
+        self.reader.stop()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def wait_opened(self, timeout: float) -> str:
+        """Wait until the source left "opening" (or ``timeout``); return its state."""
+        deadline = time.monotonic() + timeout
+        while self.source_state == "opening" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.source_state
+
+    @property
+    def finished(self) -> bool:
+        """True once the source ended (file without loop) and every frame was handled."""
+        return not self._thread.is_alive() and self._thread.ident is not None
+
+    def stalled(self, now: float | None = None) -> bool:
+        """True when the worker has made no progress for ``stall_timeout`` seconds.
+
+        Waiting is progress when the wait is explained: paused, reconnecting, ended.
+        """
+        now = time.monotonic() if now is None else now
+        return not self.finished and now - self._progress > self.stall_timeout
+
+    # -- the worker -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_due = 0.0
+        while not self._stop.is_set():
+            if self.settings.paused:
+                self._progress = time.monotonic()  # an explained wait is progress
+                self.reader.get(timeout=0)  # discard: a paused stream does not queue frames
+                self._stop.wait(0.1)
+                continue
+            fps = self.settings.fps
+            delay = next_due - time.monotonic()
+            if fps and delay > 0 and self._stop.wait(delay):
+                break
+            frame = self.reader.get(timeout=0.25)
+            if frame is None:
+                state = self.reader.state
+                if state in ("ended", "stopped"):
+                    break
+                if state != "streaming":  # opening / reconnecting: the reader is on it
+                    self._progress = time.monotonic()
+                continue
+            next_due = time.monotonic() + 1.0 / fps if fps else 0.0
+            self._handle(frame)
+        log.debug("stream %s: worker finished", self.name)
+
+    def _handle(self, frame: Frame) -> None:
+        try:
+            self.process(frame)
+        except EdgedError as exc:
+            self.errors += 1
+            log.warning("stream %s: frame %d: %s", self.name, frame.index, exc)
+        except Exception:  # a bug must cost one frame, not the stream
+            self.errors += 1
+            log.exception("stream %s: frame %d failed", self.name, frame.index)
+        self._progress = time.monotonic()
+
+    def process(self, frame: Frame) -> dict[str, Any] | None:
+        """Run one frame through the model; publish if the policy says so; return the result
+        message (None when the policy held it back)."""
+        start = time.monotonic()
+        tensor, roi = self.preprocess(frame.image)
+        preprocessed = time.monotonic()
+        outputs = self.model.run(tensor)
+        inferred = time.monotonic()
+        post, publish = self._post, self.settings.publish
+        result = post(outputs, roi)
+        timings = Timings(start, preprocessed, inferred, time.monotonic())
+        self.processed += 1
+        self.fps.tick(timings.done)
+        for key, value in timings.latency(frame).items():
+            self.timings[key].add(value)
+        if not self._policy(result, publish, timings.done):
+            self.skipped += 1
+            return None
+        message = self.results.build(frame, timings, result)
+        self._publish("result", message)
+        self.published += 1
+        if (isinstance(result, Detections) and publish.snapshot
+                and timings.done - self._last_snapshot >= publish.snapshot_interval):
+            self._last_snapshot = timings.done
+            self._publish("snapshot", annotate.annotate_detections(frame.image, result))
+        return message
+
+    def _policy(self, result: TaskResult, publish: PublishConfig, now: float) -> bool:
+        """Whether this result goes out under the stream's publish policy."""
+        if publish.policy == "every":
+            return True
+        if publish.policy == "rate":
+            if now - self._last_publish < 1.0 / publish.rate:
+                return False
+            self._last_publish = now
+            return True
+        key = change_key(result)
+        if self._last_key is not None and not changed(self._last_key, key):
+            return False
+        self._last_key = key
+        return True
+
+    # -- status, meta, commands --------------------------------------------------------------
+
+    def _on_source_state(self, state: str, detail: str) -> None:
+        self.source_state, self.source_detail = state, detail
+        log.debug("stream %s: source %s %s", self.name, state, detail)
+        self.publish_status()
+
+    def publish_status(self, state: str | None = None) -> None:
+        """Publish the retained status (``state`` overrides the source's, e.g. "offline")."""
+        self._publish("status", {
+            "state": state or self.source_state, "detail": self.source_detail,
+            "paused": self.settings.paused, "time": round(time.time(), 3),
+        }, retain=True)
+
+    def meta(self) -> dict[str, Any]:
+        """What this stream runs: for the retained meta topic."""
+        info = self.model.info
+        return {
+            "stream": self.name, "task": info.task, "model": info.name,
+            "source": redact(self.config.source.uri), "labels": list(info.labels),
+            "input": {"width": info.input.width, "height": info.input.height},
+            "threshold": self.settings.threshold, "thresholds": self.settings.thresholds,
+            "fps": self.settings.fps, "publish": self.settings.publish.policy,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and timings for the stats topic."""
+        return {
+            "state": self.source_state, "paused": self.settings.paused,
+            "fps": round(self.fps.rate(), 2), "processed": self.processed,
+            "published": self.published, "skipped": self.skipped, "errors": self.errors,
+            "frames": self.reader.frames, "drops": self.reader.drops,
+            "latency_ms": {key: window.summary() for key, window in self.timings.items()},
+        }
+
+    def command(self, message: Any) -> dict[str, Any]:
+        """Validate and apply a command; reply ``{"ok": true, ...}`` or ``{"ok": false,
+        "error": "..."}``. All of a message's keys are checked before any is applied."""
+        try:
+            with self._lock:
+                changes = parse_command(message)
+                settings = replace(self.settings, thresholds=dict(self.settings.thresholds))
+                for key, value in changes.items():
+                    if key in ("pause", "resume"):
+                        settings.paused = value == (key == "pause")
+                    elif key == "thresholds":
+                        settings.thresholds.update(value)
+                    else:
+                        setattr(settings, key, value)
+                self._apply(settings)
+        except EdgedError as exc:
+            return {"ok": False, "stream": self.name, "error": str(exc)}
+        log.info("stream %s: command applied: %s", self.name, changes)
+        return {"ok": True, "stream": self.name, "applied": changes}
+
+    def reconfigure(self, config: StreamConfig) -> None:
+        """Take a reloaded configuration's live settings (thresholds, fps, publish); a paused
+        stream stays paused. Raises ``EdgedError`` (settings unchanged) if they do not fit the
+        model."""
+        with self._lock:
+            settings = replace(Settings.from_config(config), paused=self.settings.paused)
+            self._apply(settings)
+            self.config = config
+
+    def _apply(self, settings: Settings) -> None:
+        post = self._postprocessor(settings)  # raises before anything changes
+        self._post, self.settings = post, settings
+        self.publish_status()
+        self._publish("meta", self.meta(), retain=True)
+
+    def _postprocessor(self, settings: Settings) -> Postprocessor:
+        options = PostprocessOptions(
+            top_k=self.config.top_k, threshold=settings.threshold,
+            thresholds=dict(settings.thresholds), labels=self.config.labels,
+            class_map=settings.publish.class_map, class_map_size=settings.publish.class_map_size)
+        return Postprocessor(self.model.info, options, where=self.where)
+
+    def _publish(self, kind: str, payload: bytes | dict[str, Any], retain: bool = False) -> None:
+        for sink in self.sinks:
+            try:
+                sink.publish(f"{self.name}/{kind}", payload, retain=retain)
+            except EdgedError as exc:
+                log.warning("stream %s: publishing %s failed: %s", self.name, kind, exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Publish policy "change"
+
+
+def change_key(result: TaskResult) -> Any:
+    """What must differ for a result to count as new: classify the top-1 label, detect the
+    multiset of labels (so a count change counts), segment the class fractions."""
+    if isinstance(result, Classification):
+        return result.classes[0].label if result.classes else None
+    if isinstance(result, Detections):
+        return Counter(d.label for d in result.detections)
+    return {c.label: c.fraction for c in result.classes}
+
+
+def changed(old: Any, new: Any) -> bool:
+    """Whether ``new`` differs from ``old`` (keys of ``change_key``)."""
+    if isinstance(old, dict) and not isinstance(old, Counter):  # segment fractions
+        return any(abs(old.get(k, 0.0) - new.get(k, 0.0)) > SEGMENT_CHANGE
+                   for k in old.keys() | new.keys())
+    return old != new
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def _score(path: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise EdgedError(f"{path}: must be a number 0..1, got {value!r}")
+    return float(value)
+
+
+def _flag(path: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise EdgedError(f"{path}: must be true or false, got {value!r}")
+    return value
+
+
+def _fps(path: str, value: Any) -> float | None:
+    if value is None or value == 0:
+        return None  # no limit
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise EdgedError(f"{path}: must be a number > 0 (0 or null: no limit), got {value!r}")
+    return float(value)
+
+
+COMMANDS: dict[str, Callable[[str, Any], Any]] = {
+    "pause": _flag, "resume": _flag, "threshold": _score, "fps": _fps,
+}
+
+
+def parse_command(message: Any) -> dict[str, Any]:
+    """Check a command message's keys and value types; raise ``EdgedError`` (one line) naming
+    the first problem. (Labels are checked against the model when the settings are applied.)"""
+    if not isinstance(message, dict) or not message:
+        raise EdgedError('command must be a non-empty JSON object, e.g. {"threshold": 0.4}')
+    changes: dict[str, Any] = {}
+    for key, value in message.items():
+        if key == "thresholds":
+            if not isinstance(value, dict) or not value:
+                raise EdgedError("thresholds: must be an object {label: score}")
+            changes[key] = {str(label): _score(f"thresholds.{label}", score)
+                            for label, score in value.items()}
+        elif key in COMMANDS:
+            changes[key] = COMMANDS[key](key, value)
+        else:
+            close = difflib.get_close_matches(str(key), [*COMMANDS, "thresholds"], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise EdgedError(f"{key}: unknown command{hint}")
+    return changes
