@@ -154,7 +154,7 @@ class Pipeline:
             frame = self.reader.get(timeout=0.25)
             if frame is None:
                 state = self.reader.state
-                if state in ("ended", "stopped"):
+                if state in ("ended", "failed", "stopped"):
                     break
                 if state != "streaming":  # opening / reconnecting: the reader is on it
                     self._progress = time.monotonic()

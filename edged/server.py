@@ -117,6 +117,7 @@ class Server:
         self.process = ProcessStats()
         self.started = time.monotonic()
         self._exit = threading.Event()
+        self._status = 0  # exit status of run(): 1 when a source's reader failed
         self._reload = threading.Event()
         self._stalled: set[str] = set()
 
@@ -146,14 +147,15 @@ class Server:
 
     def run(self) -> int:
         """Start, serve until a signal (or until every finite source has ended), stop.
-        Returns the exit status (0 on a requested stop)."""
+        Returns the exit status: 0 on a requested stop or when every finite source ended, 1 when
+        a source's reader failed."""
         self._install_signals()
         try:
             self.start()
             self.serve()
         finally:
             self.stop()
-        return 0
+        return self._status
 
     def serve(self) -> None:
         """The main loop: reloads, watchdog pings, stats; returns when asked to exit or when
@@ -167,7 +169,12 @@ class Server:
                 self._reload.clear()
                 self.reload()
             if self.streams and all(r.pipeline.finished for r in self.streams.values()):
-                log.info("every source has ended")
+                failed = [n for n, r in self.streams.items() if r.pipeline.source_state == "failed"]
+                if failed:  # a broken reader is a failure systemd should restart us for
+                    log.error("stopping: the reader of %s failed", ", ".join(failed))
+                    self._status = 1
+                else:
+                    log.info("every source has ended")
                 break
             healthy = self._check_progress(now)
             if watchdog and healthy and now >= next_ping:

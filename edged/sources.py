@@ -13,7 +13,8 @@ A backend (``Capture``) only knows how to ``open``, ``read`` and ``close`` its k
 ``FrameReader`` runs one backend on a thread. It keeps only the newest frame (bounded latency;
 frames overwritten before being taken are counted as drops), reopens a live source that fails
 with capped exponential backoff, paces or hands over file frames, and reports each state change
-("opening", "streaming", "reconnecting", "ended", "stopped") through ``on_state``.
+("opening", "streaming", "reconnecting", "ended", "failed", "stopped") through ``on_state``;
+"failed" means the reader itself broke (a bug), which the daemon reports with a non-zero exit.
 """
 
 from __future__ import annotations
@@ -363,7 +364,7 @@ class FrameReader:
         with self._cond:
             while self._slot is None:
                 remaining = deadline - time.monotonic()
-                if self.state in ("ended", "stopped") or remaining <= 0:
+                if self.state in ("ended", "failed", "stopped") or remaining <= 0:
                     return None
                 self._cond.wait(remaining)
             frame, self._slot = self._slot, None
@@ -416,7 +417,7 @@ class FrameReader:
                 self.reconnects += 1
         except Exception as exc:  # never die silently: the daemon sees the state
             log.exception("source %s: reader failed", redact(self.config.uri))
-            self._set_state("ended", f"reader failed: {exc}")
+            self._set_state("failed", f"reader failed: {exc}")
         finally:
             capture.close()
 

@@ -283,6 +283,24 @@ def test_commands_reach_the_handler_and_get_replies(mosquitto: Mosquitto,
     sub.close()
 
 
+def test_retained_commands_are_refused(mosquitto: Mosquitto, make_sink: Sinks) -> None:
+    calls: list[bytes] = []
+    sub = Subscriber(mosquitto, "edged/keep/#")
+    # Left retained on the broker before edged subscribes: it would come back at every connect.
+    sub.client.publish("edged/keep/cam/set", b'{"pause": true}', qos=1, retain=True)
+    time.sleep(0.2)
+    sink = make_sink(mosquitto.config(), "keep",
+                     on_command=lambda stream, payload: calls.append(payload) or {"ok": True})
+    assert sub.wait(lambda: len(sub.on("edged/keep/cam/set/reply")) >= 1)
+    assert calls == []
+    assert "retained commands are ignored" in sub.json("edged/keep/cam/set/reply")[0]["error"]
+    sub.client.publish("edged/keep/cam/set", b"", qos=1, retain=True)  # clear it on the broker
+    sub.client.publish("edged/keep/cam/set", b'{"resume": true}', qos=1)
+    assert sub.wait(lambda: b'{"resume": true}' in calls)
+    assert b'{"pause": true}' not in calls and sink.connected
+    sub.close()
+
+
 def test_snapshots_and_stats_skip_the_outbox(mosquitto: Mosquitto, make_sink: Sinks) -> None:
     sub = Subscriber(mosquitto, "edged/snap/#")
     sink = make_sink(mosquitto.config(), "snap")

@@ -223,6 +223,14 @@ class MqttSink:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         levels = message.topic[len(self.prefix) + 1:].split("/")
         stream = levels[0] if len(levels) == 2 else None
+        if message.retain:
+            # A retained command would be applied again at every reconnect (undoing a later
+            # "resume", say): commands are one-shot, so a retained one is refused.
+            log.warning("mqtt: ignoring a retained command on %s", message.topic)
+            client.publish(f"{message.topic}/reply", encode_payload(
+                {"ok": False, "error": "retained commands are ignored; publish without retain"}),
+                qos=1)
+            return
         try:
             reply = self._on_command(stream, message.payload)  # type: ignore[misc]
             if not isinstance(reply, dict):
