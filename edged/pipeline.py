@@ -110,8 +110,11 @@ class Pipeline:
         self.reader.start()
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the reader (its last state, "stopped", is published) and the worker."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the reader (its last state, "stopped", is published) and the worker.
+
+        By default waits for the frame in flight: leaving the worker inside ONNX Runtime while
+        the interpreter exits aborts the process, and its result would follow "offline"."""
         self._stop.set()
         self.reader.stop()
         if self._thread.is_alive():
