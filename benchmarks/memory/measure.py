@@ -13,6 +13,8 @@ Configurations:
   arena-off       all optimizations, CPU arena off
   lean            the file as it is, under edged's lean session options (file order, no pooling)
   lean-optimized  optimized offline at ORT_ENABLE_ALL, re-sorted into the best order found, lean
+  planned:SIZE    rewritten by ``edged plan --budget SIZE``, then prepared as the daemon does
+                  (optimized offline, re-sorted into the planned order, lean)
 
     python benchmarks/memory/measure.py model.onnx [more.onnx] [--config lean ...] [--json]
 """
@@ -110,22 +112,30 @@ def measure(model: str | Path, config: str, threads: int = 1, runs: int = 10,
     from edged.schedule.order import best_order
     from edged.schedule.session import optimize_for_lean
 
-    if config not in CONFIGS:
-        raise ValueError(f"unknown configuration {config!r} (one of {', '.join(CONFIGS)})")
+    if config not in CONFIGS and not config.startswith("planned:"):
+        raise ValueError(f"unknown configuration {config!r} (one of {', '.join(CONFIGS)}, "
+                         "planned:SIZE)")
     graph = load_graph(model)
+    nodes = len(graph)
     with tempfile.TemporaryDirectory(prefix="edged-measure-") as tmp:
         path = Path(model)
-        if config == "lean-optimized":
+        if config == "lean-optimized" or config.startswith("planned:"):
             import onnx
 
-            found = best_order(graph, time_limit=time_limit)
-            planned = optimize_for_lean(graph, found.order, threads)
+            if config.startswith("planned:"):
+                from edged.schedule.plan import parse_size, plan_for_budget
+
+                planned, rewritten = plan_for_budget(graph, parse_size(config.split(":", 1)[1]))
+                graph = OpGraph.from_model(rewritten, str(model))  # already in planned order
+                order, nodes = graph.file_order, len(graph)
+            else:
+                order = best_order(graph, time_limit=time_limit).order
             path = Path(tmp) / "lean.onnx"
-            onnx.save(planned, str(path))
-            graph = OpGraph.from_model(planned, str(path))
+            onnx.save(optimize_for_lean(graph, order, threads), str(path))
+            graph = OpGraph.from_model(onnx.load(str(path)), str(path))
         computed = MemoryModel(graph).simulate(graph.file_order).peak
         spec = {"model": str(path), "threads": threads, "runs": runs,
-                "lean": config.startswith("lean"), "arena": config == "default",
+                "lean": config.startswith(("lean", "planned")), "arena": config == "default",
                 "library": str(counter_library())}
         env = dict(os.environ, LD_PRELOAD=spec["library"])
         done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
@@ -133,7 +143,8 @@ def measure(model: str | Path, config: str, threads: int = 1, runs: int = 10,
     if done.returncode != 0:
         raise RuntimeError(f"measuring {model} ({config}) failed: {done.stderr.strip()[-500:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"model": Path(model).name, "config": config, "computed": computed, **result}
+    return {"model": Path(model).name, "config": config, "computed": computed, "nodes": nodes,
+            **result}
 
 
 def _mb(n: float) -> str:
@@ -143,8 +154,9 @@ def _mb(n: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", type=Path)
-    parser.add_argument("--config", action="append", choices=CONFIGS,
-                        help="configuration to measure (repeatable; default: all)")
+    parser.add_argument("--config", action="append", metavar="CONFIG",
+                        help=f"configuration to measure: {', '.join(CONFIGS)} or planned:SIZE "
+                        "(repeatable; default: the four plain ones)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -156,16 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.models:
         parser.error("give at least one model")
     if not args.json:
-        print(f"{'model':32} {'config':15} {'computed':>9} {'run peak':>9} {'session':>9} "
-              f"{'held':>9} {'peak RSS':>9} {'latency':>9}\n{'':32} {'':15} {'MB':>9} {'MB':>9} "
-              f"{'MB':>9} {'MB':>9} {'MB':>9} {'ms':>9}")
+        print(f"{'model':28} {'config':15} {'nodes':>5} {'computed':>9} {'run peak':>9} "
+              f"{'session':>9} {'held':>9} {'peak RSS':>9} {'latency':>9}\n{'':28} {'':15} "
+              f"{'':>5} {'MB':>9} {'MB':>9} {'MB':>9} {'MB':>9} {'MB':>9} {'ms':>9}")
     for model in args.models:
         for config in args.config or CONFIGS:
             row = measure(model, config, args.threads, args.runs)
             if args.json:
                 print(json.dumps(row), flush=True)
                 continue
-            print(f"{row['model'][:32]:32} {config:15} {_mb(row['computed']):>9} "
+            print(f"{row['model'][:28]:28} {config:15} {row['nodes']:>5} "
+                  f"{_mb(row['computed']):>9} "
                   f"{_mb(row['run_peak']):>9} {_mb(row['session_heap']):>9} "
                   f"{_mb(row['held']):>9} {_mb(row['rss_peak']):>9} {row['latency_ms']:9.2f}",
                   flush=True)

@@ -4,15 +4,28 @@
 gives the live memory of every step of an order under the buffer rules ONNX Runtime applies
 (``ORT_LEAN``); ``best_order`` finds a minimum-peak order; ``lean_session_options`` and
 ``optimize_for_lean`` make ONNX Runtime run an order exactly; ``run_plan`` is ``edged plan``.
-A rewrite of the graph is a new ``ModelProto``: ``OpGraph.from_model`` reads it the same way.
+Phase 2 rewrites the graph (``rewrite_split``, ``rewrite_stripes``, ``rewrite_segment``);
+``plan_for_budget`` picks the cheapest rewrite that fits a budget; ``prepare`` makes a planned
+model ready for the daemon.
 """
 
-from edged.schedule.graph import OpGraph, Tensor, load_graph, reordered_model
-from edged.schedule.memory import NO_REUSE, ORT_LEAN, MemoryModel, MemoryRules, Simulation
-from edged.schedule.order import OrderResult, best_order, greedy_order, lower_bound
+import importlib
+from typing import Any
 
-__all__ = [
-    "NO_REUSE", "ORT_LEAN", "MemoryModel", "MemoryRules", "OpGraph", "OrderResult",
-    "Simulation", "Tensor", "best_order", "greedy_order", "load_graph", "lower_bound",
-    "reordered_model",
-]
+# Names resolved on first use: the daemon imports edged.schedule.session / prepare only, and
+# must not pay for onnx (about 11 MB of resident memory) to do so.
+_EXPORTS = {
+    "OpGraph": "graph", "Tensor": "graph", "load_graph": "graph", "reordered_model": "graph",
+    "NO_REUSE": "memory", "ORT_LEAN": "memory", "MemoryModel": "memory",
+    "MemoryRules": "memory", "Simulation": "memory",
+    "OrderResult": "order", "best_order": "order", "greedy_order": "order",
+    "lower_bound": "order",
+    "Plan": "plan", "plan_for_budget": "plan", "parse_size": "plan",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'edged.schedule' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"edged.schedule.{_EXPORTS[name]}"), name)

@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from edged.errors import EdgedError
 
@@ -94,6 +95,11 @@ class OpGraph:
 
     def __len__(self) -> int:
         return len(self.ops)
+
+    @cached_property
+    def weights(self) -> dict[str, np.ndarray]:
+        """The initializers as arrays (read on first use; rewrites slice them)."""
+        return {init.name: numpy_helper.to_array(init) for init in self.model.graph.initializer}
 
     @property
     def file_order(self) -> list[int]:

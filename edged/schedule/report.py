@@ -12,8 +12,10 @@ from edged.errors import EdgedError
 from edged.schedule.graph import load_graph, reordered_model
 from edged.schedule.memory import MemoryModel, Simulation
 from edged.schedule.order import OrderResult, best_order
+from edged.schedule.plan import plan_for_budget
 
-_COLORS = {"file order": (160, 110, 40), "best order": (40, 40, 210)}  # BGR
+_COLORS = {"file order": (160, 110, 40), "best order": (40, 40, 210),
+           "planned": (40, 40, 210)}  # BGR
 
 
 def _kb(n: int) -> str:
@@ -82,25 +84,38 @@ def plan_record(result: OrderResult, file_peak: int) -> dict:
 
 
 def run_plan(model: Path, output: Path | None = None, plot: Path | None = None,
-             time_limit: float = 10.0) -> str:
-    """Plan ``model``: the report text; writes the reordered model and the plot if asked."""
+             time_limit: float = 10.0, budget: int | None = None,
+             verify_image: Path | None = None) -> str:
+    """Plan ``model``: the report text; writes the planned model and the plot if asked. With a
+    ``budget`` (bytes) the model is rewritten by the first plan that fits (``plan``)."""
     graph = load_graph(model)
     memory = MemoryModel(graph)
     as_is = memory.simulate(graph.file_order)
-    result = best_order(graph, time_limit=time_limit)
-    best = memory.simulate(result.order)
-    proof = "proven minimal" if result.exact else f"not proven minimal within {time_limit:g} s"
-    summary = (f"{model}: {len(graph)} ops; peak {_kb(as_is.peak)} KB in file order, "
-               f"{_kb(best.peak)} KB in the best order ({result.method}, {proof}; "
-               f"lower bound {_kb(result.lower_bound)} KB); graph inputs (held by the caller, "
-               f"not counted): {_kb(sum(graph.tensors[t].nbytes for t in graph.inputs))} KB")
+    inputs = _kb(sum(graph.tensors[t].nbytes for t in graph.inputs))
+    if budget is not None:
+        planned, written = plan_for_budget(graph, budget, verify_image)
+        best = MemoryModel(planned.graph).simulate(planned.order.order)
+        added = len(planned.graph) - len(graph)
+        summary = (f"{model}: plan for a budget of {budget / 1e6:.2f} MB: "
+                   f"{planned.plan.describe()}; peak {as_is.peak / 1e6:.2f} MB -> "
+                   f"{best.peak / 1e6:.2f} MB; {len(planned.graph)} ops ({added:+d}, session "
+                   f"heap about {planned.session_bytes / 1e6:+.2f} MB); graph inputs (held by "
+                   f"the caller, not counted): {inputs} KB")
+    else:
+        result = best_order(graph, time_limit=time_limit)
+        best = memory.simulate(result.order)
+        proof = "proven minimal" if result.exact else f"not proven minimal within {time_limit:g} s"
+        summary = (f"{model}: {len(graph)} ops; peak {_kb(as_is.peak)} KB in file order, "
+                   f"{_kb(best.peak)} KB in the best order ({result.method}, {proof}; "
+                   f"lower bound {_kb(result.lower_bound)} KB); graph inputs (held by the "
+                   f"caller, not counted): {inputs} KB")
+        written = reordered_model(graph, result.order, plan_record(result, as_is.peak))
     if output is not None:
-        planned = reordered_model(graph, result.order, plan_record(result, as_is.peak))
         try:
-            onnx.save(planned, str(output))
+            onnx.save(written, str(output))
         except OSError as exc:
             raise EdgedError(f"{output}: cannot write the model ({exc.strerror})") from None
+    label = "planned" if budget is not None else "best order"
     if plot is not None:
-        draw_plot(plot, {"file order": as_is, "best order": best})
-    return "\n\n".join([summary, format_table("file order", as_is),
-                        format_table("best order", best)])
+        draw_plot(plot, {"file order": as_is, label: best})
+    return "\n\n".join([summary, format_table("file order", as_is), format_table(label, best)])

@@ -20,12 +20,17 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx
 import onnxruntime as ort
 
 from edged.errors import EdgedError
-from edged.schedule.graph import OpGraph, reordered_model
+
+if TYPE_CHECKING:  # the daemon imports this module for its options only: no onnx there
+    import numpy as np
+    import onnx
+
+    from edged.schedule.graph import OpGraph
 
 
 def lean_session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -43,6 +48,22 @@ def lean_session_options(threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
+def run_model(model: onnx.ModelProto, feed: dict[str, np.ndarray],
+              options: ort.SessionOptions) -> dict[str, np.ndarray]:
+    """Every output of ``model`` on ``feed``, by name."""
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, feed), strict=True))
+    except Exception as exc:  # ORT raises private exception types
+        raise EdgedError(f"ONNX Runtime cannot run the model ({_one_line(exc)})") from None
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
 def optimize_offline(model: onnx.ModelProto, threads: int | None = None) -> onnx.ModelProto:
     """The model as ONNX Runtime's optimizer (``ORT_ENABLE_ALL``) saves it on this machine."""
     options = ort.SessionOptions()
@@ -55,7 +76,10 @@ def optimize_offline(model: onnx.ModelProto, threads: int | None = None) -> onnx
             ort.InferenceSession(model.SerializeToString(), options,
                                  providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises private exception types
-            raise EdgedError(f"ONNX Runtime cannot optimize the model ({exc})") from None
+            raise EdgedError(f"ONNX Runtime cannot optimize the model ({_one_line(exc)})"
+                             ) from None
+        import onnx
+
         return onnx.load(options.optimized_model_filepath)
 
 
@@ -92,6 +116,8 @@ def optimize_for_lean(graph: OpGraph, order: Sequence[int], threads: int | None 
                       plan: dict | None = None) -> onnx.ModelProto:
     """Optimize ``graph``'s model offline, then sort the optimized nodes into ``order`` (an order
     of ``graph``'s ops), ready to run under ``lean_session_options``."""
+    from edged.schedule.graph import OpGraph, reordered_model
+
     reference = [t for i in order for t in graph.ops[i].outputs]
     optimized = optimize_offline(graph.model, threads)
     saved = OpGraph.from_model(optimized, f"{graph.source} (optimized)")
