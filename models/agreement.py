@@ -3,7 +3,9 @@
 The report decodes both models' outputs the way the daemon does (``edged.preprocess``,
 ``edged.postprocess``) and compares the results a user sees:
 
-- classify: top-1 agreement and the largest change of any class probability;
+- classify: top-1 agreement and the largest change of any class probability; agreement is also
+  counted apart on the frames where fp32 itself is decided (its top two classes at least
+  ``TIE_MARGIN`` apart), since int8's rounding may swap a near tie either way;
 - detect: fp32 detections matched by an int8 one of the same class with IoU >= 0.5, and the
   largest score change of a matched pair;
 - segment: the share of pixels given the same class (mean and worst frame).
@@ -29,6 +31,7 @@ Frame = tuple[str, np.ndarray]  # (name, BGR uint8 image)
 
 DETECT_THRESHOLD = 0.3  # compare detections down to here: a loss near it shows as a miss
 MATCH_IOU = 0.5
+TIE_MARGIN = 0.02  # fp32's top two closer than this: a near tie, not a decided class
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")
 BIKES_FRAMES = tuple(range(9, 235, 25))  # 9, 34, ..., 234: the held-out clip frames
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -151,19 +154,25 @@ def agreement_report(fp32: str | os.PathLike[str], int8: str | os.PathLike[str],
     pairs = zip(_outputs(reference, frames), _outputs(candidate, frames), strict=True)
     report: dict[str, Any] = {"task": info.task, "frames": len(frames)}
     if info.task == "classify":
-        agree, changes, flips = 0, [], []
+        agree = decided = decided_agree = 0
+        changes, flips = [], []
         for name, ((a, _), (b, _)) in zip(names, pairs, strict=True):
             pa, pb = softmax(a["logits"].reshape(-1)), softmax(b["logits"].reshape(-1))
-            same = int(np.argmax(pa)) == int(np.argmax(pb))
+            first, second = np.argsort(pa)[::-1][:2]
+            same = int(first) == int(np.argmax(pb))
+            clear = float(pa[first] - pa[second]) >= TIE_MARGIN
             agree += same
+            decided += clear
+            decided_agree += same and clear
             changes.append(float(np.abs(pa - pb).max()))
             if not same:
-                flips.append(f"{name}: {info.labels[int(np.argmax(pa))]} -> "
-                             f"{info.labels[int(np.argmax(pb))]}")
-        report.update(top1_agree=agree, max_probability_change=round(max(changes), 4),
-                      disagreements=flips)
-        report["summary"] = (f"top-1 agreement {agree}/{len(frames)}, max probability change "
-                             f"{max(changes):.3f}")
+                flips.append(f"{name}: {info.labels[first]} -> {info.labels[int(np.argmax(pb))]} "
+                             f"(fp32 top two {pa[first]:.3f} / {pa[second]:.3f})")
+        report.update(top1_agree=agree, decided_frames=decided, decided_agree=decided_agree,
+                      max_probability_change=round(max(changes), 4), disagreements=flips)
+        report["summary"] = (f"top-1 agreement {agree}/{len(frames)} ({decided_agree}/{decided} "
+                             f"where fp32's top two are >= {TIE_MARGIN} apart), max probability "
+                             f"change {max(changes):.3f}")
     elif info.task == "detect":
         post_a = Postprocessor(info, PostprocessOptions(threshold=DETECT_THRESHOLD))
         post_b = Postprocessor(candidate.info, PostprocessOptions(threshold=DETECT_THRESHOLD))

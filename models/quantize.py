@@ -6,15 +6,13 @@ Two ways to an int8 model, both starting from the verified float export:
   activation's scale and zero point, int8-ready weights and int32 biases. They go into a QDQ
   graph unchanged: uint8 activations with the checkpoint's own parameters, weights per-channel
   symmetric int8 (ONNX Runtime's fast kernels need weight zero point 0) with the exact values
-  ``q - z`` wherever a channel fits in +-127 and only the extreme channels re-fitted (their
-  biases rescaled), no Clip/Relu where the uint8 range already saturates, and float where int8
-  buys nothing (the classifier, everything after the detection heads and the segmentation
-  logits).
+  ``q - z`` wherever a channel fits (``fit_weights``: within +-127, and no weight pair that x86
+  kernels without VNNI would saturate on) and only the other channels re-fitted (their biases
+  rescaled), no Clip/Relu where the uint8 range already saturates, float where int8 buys
+  nothing (the classifier, everything after the detection heads and the segmentation logits),
+  and a segmentation model's argmax at a quarter of its output resolution (``coarse_labels``).
 - ``calibrate``: float checkpoints get ONNX Runtime's static quantization, its activation
-  ranges measured on frames the user gives.
-
-``check_int8`` proves the result is really integer after ONNX Runtime's own optimizations (no
-float Conv or Add left); ``quantize_model`` ties it together for ``models.convert``.
+  ranges measured on frames the user gives, its weights then fitted the same way.
 """
 
 from __future__ import annotations
@@ -41,7 +39,9 @@ from models.export import _drop_unused_constants, set_metadata
 from models.importers.tflite import Operator, Tensor, TFLiteModel, conv_weights
 
 PRECISIONS = ("fp32", "int8")
-WEIGHT_LIMIT = 127  # symmetric int8: -127..127 keeps the kernels' sums from overflowing
+WEIGHT_LIMIT = 127  # symmetric int8 weights: -127..127
+PAIR_LIMIT = 128  # 255 * 128 <= 32767: see pair_sums
+LABEL_STEP = 4  # segmentation argmax at 1/4 of the output resolution: see coarse_labels
 # TFLite ops that pass a tensor on with their own output parameters, by the ONNX op doing it.
 _PASS_ON = {
     "Add": ("ADD",),
@@ -74,6 +74,58 @@ class QParams:
     def range(self) -> tuple[float, float]:
         """The smallest and largest value the uint8 code can hold."""
         return (0 - self.zero_point) * self.scale, (255 - self.zero_point) * self.scale
+
+
+def pair_sums(codes: np.ndarray) -> np.ndarray:
+    """Per output channel, ``|a| + |b|`` of each same-sign pair of neighbouring weights in the
+    order x86 integer kernels multiply them (kernel row, column, input channel; pairs 2i, 2i+1).
+
+    Without VNNI those kernels add each pair's two uint8 x int8 products in 16 bits with
+    saturation: with activation codes up to 255 a same-sign pair summing over ``PAIR_LIMIT``
+    overflows, an opposite-sign pair never does (255 * 127 < 32767).
+    """
+    flat = codes.transpose(0, 2, 3, 1).reshape(codes.shape[0], -1)
+    if flat.shape[1] % 2:
+        flat = np.pad(flat, ((0, 0), (0, 1)))
+    a, b = flat[:, 0::2], flat[:, 1::2]
+    return np.where(a * b > 0, np.abs(a) + np.abs(b), 0)
+
+
+def _fits(codes: np.ndarray, dense: bool) -> np.ndarray:
+    """Which output channels' integer weights every x86 / ARM kernel multiplies exactly."""
+    ok = np.abs(codes).reshape(codes.shape[0], -1).max(axis=1) <= WEIGHT_LIMIT
+    if dense:
+        ok &= pair_sums(codes).max(axis=1) <= PAIR_LIMIT
+    return ok
+
+
+def _refit_scale(w: np.ndarray, dense: bool) -> float:
+    """The smallest scale (to 0.1 %) at which one output channel's float weights ``w`` fit."""
+    scale = float(np.abs(w).max()) / WEIGHT_LIMIT
+    if dense:
+        scale = max(scale, float(pair_sums(w[None]).max()) / PAIR_LIMIT)
+    while not _fits(np.rint(w / scale)[None], dense)[0]:  # rounding may still overshoot
+        scale *= 1.001
+    return scale
+
+
+def fit_weights(w: np.ndarray, scale: np.ndarray, dense: bool) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes and per-channel scales for float conv weights ``w`` (O, I, kH, kW) given at
+    per-channel ``scale``: exact where a channel fits (see ``_fits``; depthwise kernels, not
+    ``dense``, sum in 32 bits), the smallest scale that fits where it does not."""
+    codes = np.rint(w / scale[:, None, None, None])
+    new_scale = scale.astype(np.float64)
+    for c in np.flatnonzero(~_fits(codes, dense)):
+        new_scale[c] = _refit_scale(w[c], dense)
+        codes[c] = np.rint(w[c] / new_scale[c])
+    return codes.astype(np.int8), new_scale
+
+
+def rescaled_bias(bias: np.ndarray, scale: np.ndarray, new_scale: np.ndarray) -> np.ndarray:
+    """int32 biases (scale: input scale x weight scale) for weights re-fitted from ``scale`` to
+    ``new_scale``; unchanged where the weight scale is."""
+    ratio = scale.astype(np.float32).astype(np.float64) / new_scale.astype(np.float32)
+    return np.rint(bias.astype(np.float64) * ratio).astype(np.int32)
 
 
 # --- carrying a QAT checkpoint's quantization -------------------------------------------------
@@ -158,26 +210,19 @@ class _Carrier:
         w = conv_weights(op)[0].astype(np.float64)
         channels = w.shape[0]
         scale = np.broadcast_to(weight.scale.astype(np.float64), (channels,)).copy()
-        codes = np.rint(w / scale[:, None, None, None])
-        extreme = np.abs(codes).reshape(channels, -1).max(axis=1) > WEIGHT_LIMIT
-        # The few channels holding the extremes: re-fit to +-127 and rescale the bias to match.
-        new_scale = scale.copy()
-        new_scale[extreme] = np.abs(w).reshape(channels, -1).max(axis=1)[extreme] / WEIGHT_LIMIT
-        codes[extreme] = np.rint(w[extreme] / new_scale[extreme, None, None, None])
+        codes, new_scale = fit_weights(w, scale, dense=op.type == "CONV_2D")
         w_scale = new_scale.astype(np.float32)
-        b_scale = np.float32(in_scale) * w_scale
-        old_b_scale = np.float32(in_scale) * scale.astype(np.float32)
-        b = bias.data.astype(np.float64) * (old_b_scale / b_scale)
-        self.refitted += int(extreme.sum())
+        self.refitted += int((new_scale != scale).sum())
         self.channels += channels
 
         name = node.name
         node.input[1] = self._dequantize(
-            self._init(f"{name}.weight_q", codes.astype(np.int8)),
+            self._init(f"{name}.weight_q", codes),
             self._init(f"{name}.weight_scale", w_scale),
             self._init(f"{name}.weight_zero", np.zeros(channels, np.int8)), axis=0)
-        bias_q = self._init(f"{name}.bias_q", np.rint(b).astype(np.int32))
-        bias_dq = self._dequantize(bias_q, self._init(f"{name}.bias_scale", b_scale),
+        bias_q = self._init(f"{name}.bias_q", rescaled_bias(bias.data, scale, new_scale))
+        bias_dq = self._dequantize(bias_q, self._init(f"{name}.bias_scale",
+                                                      np.float32(in_scale) * w_scale),
                                    self._init(f"{name}.bias_zero", np.zeros(channels, np.int32)),
                                    axis=0)
         if len(node.input) > 2:
@@ -285,6 +330,56 @@ class _Carrier:
         _drop_unused_constants(graph)  # the float weights and the folded activations' bounds
 
 
+def coarse_labels(model: onnx.ModelProto, step: int = LABEL_STEP) -> bool:
+    """Take a segmentation model's argmax at 1/``step`` of the output resolution.
+
+    A model ending in ``Resize`` (bilinear logits to full size) then ``ArgMax`` over the classes
+    spends most of its float tail there (DeepLab: 21 x 513 x 513 logits). Resizing the logits
+    to ``(size - 1) / step + 1`` instead, taking the argmax there and upsampling the labels
+    (nearest, uint8) moves only class edges, by less than ``step`` pixels. Returns whether the
+    model had that tail.
+    """
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    argmax = producers.get(graph.output[0].name)
+    resize = producers.get(argmax.input[0]) if argmax is not None else None
+    if argmax is None or argmax.op_type != "ArgMax" or resize is None \
+            or resize.op_type != "Resize" or len(resize.input) < 4:
+        return False
+    sizes = _constant(graph, resize.input[3])
+    full = sizes[2:]
+    mid = (full - 1) // step + 1
+    name = argmax.output[0]
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array([*sizes[:2], *mid], np.int64), f"{name}.coarse_sizes"),
+        numpy_helper.from_array(np.array([sizes[0], *full], np.int64), f"{name}.full_sizes")])
+    resize.input[3] = f"{name}.coarse_sizes"
+    argmax.output[0] = f"{name}_coarse"
+    tail = [helper.make_node("Cast", [f"{name}_coarse"], [f"{name}_coarse_u8"],
+                             to=onnx.TensorProto.UINT8),  # class indices: 4x less to move
+            helper.make_node("Resize", [f"{name}_coarse_u8", "", "", f"{name}.full_sizes"],
+                             [f"{name}_u8"], mode="nearest",
+                             coordinate_transformation_mode="align_corners",
+                             nearest_mode="round_prefer_floor"),
+            helper.make_node("Cast", [f"{name}_u8"], [name], to=onnx.TensorProto.INT64)]
+    at = list(graph.node).index(argmax) + 1
+    for offset, node in enumerate(tail):
+        graph.node.insert(at + offset, node)
+    _drop_unused_constants(graph)  # the full-size resize's sizes
+    return True
+
+
+def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray:
+    """The value of initializer or Constant node ``name``."""
+    for tensor in graph.initializer:
+        if tensor.name == name:
+            return numpy_helper.to_array(tensor)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            return numpy_helper.to_array(node.attribute[0].t)
+    raise EdgedError(f"{name}: not a constant of the graph")
+
+
 def carry_quantization(model: onnx.ModelProto, checkpoint: str | os.PathLike[str]
                        ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The QDQ version of ``model`` (a float edged export of ``checkpoint``, changed in place)
@@ -298,8 +393,12 @@ def carry_quantization(model: onnx.ModelProto, checkpoint: str | os.PathLike[str
                          ) from None
     carrier = _Carrier(model, tfl)
     carrier.run()
-    return model, {"quantized_tensors": len(carrier.mapped), "weight_channels": carrier.channels,
-                   "refitted_channels": carrier.refitted}
+    carried: dict[str, Any] = {"quantized_tensors": len(carrier.mapped),
+                               "weight_channels": carrier.channels,
+                               "refitted_channels": carrier.refitted}
+    if coarse_labels(model):
+        carried["label_step"] = LABEL_STEP
+    return model, carried
 
 
 # --- calibrating a float checkpoint ------------------------------------------------------------
@@ -318,10 +417,13 @@ class _Frames:
         return None if tensor is None else {"image": tensor}
 
 
-def calibrate(float_path: str | os.PathLike[str], frames: Sequence[Frame]) -> onnx.ModelProto:
+def calibrate(float_path: str | os.PathLike[str], frames: Sequence[Frame]
+              ) -> tuple[onnx.ModelProto, int]:
     """Static int8 quantization of a float edged model, activation ranges measured on
     ``frames``: per-channel symmetric int8 weights, uint8 activations; the classifier (Gemm)
-    and the ops after the detection heads stay float."""
+    and the ops after the detection heads stay float. Also returns how many weight channels
+    were re-fitted so that x86 kernels without VNNI do not saturate (``fit_qlinear_weights``:
+    most of them, as calibrated weights use the whole int8 range)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not frames:
@@ -343,10 +445,39 @@ def calibrate(float_path: str | os.PathLike[str], frames: Sequence[Frame]) -> on
         finally:
             root.setLevel(level)
         model = onnx.load(str(out))
+    refitted = fit_qlinear_weights(model)
     source = onnx.load(str(float_path), load_external_data=False)
     del model.metadata_props[:]
     model.metadata_props.extend(source.metadata_props)
-    return model
+    return model, refitted
+
+
+def fit_qlinear_weights(model: onnx.ModelProto) -> int:
+    """Re-fit the dense QLinearConv weight channels of ``model`` that x86 kernels without VNNI
+    would saturate on (``fit_weights``), rescaling their int32 biases; returns how many."""
+    inits = {t.name: t for t in model.graph.initializer}
+    refitted = 0
+    for node in model.graph.node:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if node.op_type != "QLinearConv" or group != 1:
+            continue
+        # inputs: x, x_scale, x_zero, w, w_scale, w_zero, y_scale, y_zero[, bias]
+        codes = numpy_helper.to_array(inits[node.input[3]])
+        channels = codes.shape[0]
+        scale = np.broadcast_to(numpy_helper.to_array(inits[node.input[4]]).astype(np.float64),
+                                (channels,))
+        new_codes, new_scale = fit_weights(codes * scale[:, None, None, None], scale, dense=True)
+        refit = new_scale != scale
+        if not refit.any():
+            continue
+        refitted += int(refit.sum())
+        inits[node.input[3]].CopyFrom(numpy_helper.from_array(new_codes, node.input[3]))
+        inits[node.input[4]].CopyFrom(numpy_helper.from_array(new_scale.astype(np.float32),
+                                                              node.input[4]))
+        if len(node.input) > 8 and node.input[8]:
+            bias = rescaled_bias(numpy_helper.to_array(inits[node.input[8]]), scale, new_scale)
+            inits[node.input[8]].CopyFrom(numpy_helper.from_array(bias, node.input[8]))
+    return refitted
 
 
 # --- checking and writing ----------------------------------------------------------------------
@@ -419,9 +550,10 @@ def quantize_model(float_path: str | os.PathLike[str], output: str | os.PathLike
     else:
         check_precision("int8", checkpoint_format, calibration)
         progress("quantize", f"calibrating on {len(frames)} frames of {calibration}")
-        model = calibrate(float_path, frames)
+        model, refitted = calibrate(float_path, frames)
         precision = {"weights": "int8", "activations": "uint8", "method": "calibrated",
-                     "calibration": {"source": Path(calibration).name, "frames": len(frames)}}
+                     "calibration": {"source": Path(calibration).name, "frames": len(frames)},
+                     "refitted_channels": refitted}
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as exc:
