@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# The real-server helpers hold assertions too; let pytest rewrite them wherever they are imported.
+pytest.register_assert_rewrite("helpers")
+
 REPO = Path(__file__).resolve().parent.parent
 # Real checkpoints and clips live beside the checkout (never committed); EDGED_SHARED overrides.
 SHARED = Path(os.environ.get("EDGED_SHARED", REPO.parent / "shared"))

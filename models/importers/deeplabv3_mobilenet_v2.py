@@ -14,13 +14,13 @@ from torch import nn
 
 from edged.errors import EdgedError
 from models.deeplabv3 import DeepLabV3
+from models.importers import expect_model
 from models.importers.tflite import conv_bn_pairs, load_convolutions
 
 
 def load_tflite(model: nn.Module, path: Path) -> None:
     """Copy the float (dequantized) weights of a DeepLab TFLite checkpoint into ``model``."""
-    if not isinstance(model, DeepLabV3):
-        raise EdgedError(f"{path}: the DeepLab importer needs a DeepLabV3 model")
+    model = expect_model(model, DeepLabV3, path)
     aspp = model.aspp
     if len(aspp.branches) > 1:
         raise EdgedError(f"{path}: the checkpoint has no atrous ASPP branches (aspp_rates must "

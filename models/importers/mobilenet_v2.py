@@ -17,19 +17,14 @@ import torch
 from torch import nn
 
 from edged.errors import EdgedError
+from models.importers import expect_model
 from models.importers.tflite import conv_bn_pairs, load_convolutions
 from models.mobilenetv2 import MobileNetV2
 
 
-def _check(model: nn.Module, path: Path) -> MobileNetV2:
-    if not isinstance(model, MobileNetV2):
-        raise EdgedError(f"{path}: the MobileNetV2 importer needs a MobileNetV2 model")
-    return model
-
-
 def load_tflite(model: nn.Module, path: Path) -> None:
     """Copy the float (dequantized) weights of a MobileNetV2 TFLite checkpoint into ``model``."""
-    model = _check(model, path)
+    model = expect_model(model, MobileNetV2, path)
     load_convolutions(path, conv_bn_pairs([*model.features.modules(),
                                            *model.classifier.modules()]))
 
@@ -39,7 +34,7 @@ def load_torchvision(model: nn.Module, path: Path) -> None:
 
     A dict wrapping it under ``"state_dict"`` or ``"model"`` (training checkpoints) is accepted.
     """
-    model = _check(model, path)
+    model = expect_model(model, MobileNetV2, path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

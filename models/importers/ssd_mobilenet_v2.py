@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from edged.errors import EdgedError
+from models.importers import expect_model
 from models.importers.tf_graphdef import GraphDef, conv_weight
 from models.importers.tflite import TFLiteModel, conv_weights, load_folded
 from models.mobilenetv2 import ConvBNReLU6
@@ -91,15 +92,9 @@ def _missing(path: Path, scope: str, model: SSDMobileNetV2) -> EdgedError:
     return EdgedError(f"{path}: no layer {scope!r}: not an {kind} MobileNetV2 checkpoint")
 
 
-def _require_ssd(model: nn.Module, path: Path) -> SSDMobileNetV2:
-    if not isinstance(model, SSDMobileNetV2):
-        raise EdgedError(f"{path}: the SSD importer needs an SSDMobileNetV2 model")
-    return model
-
-
 def load_tflite(model: nn.Module, path: Path) -> None:
     """Copy the dequantized weights of a TF Object Detection API SSD TFLite file into ``model``."""
-    model = _require_ssd(model, path)
+    model = expect_model(model, SSDMobileNetV2, path)
     ops = {}
     for op in TFLiteModel(path).ops("CONV_2D", "DEPTHWISE_CONV_2D"):
         # Weight tensors are named "<scope>/weights_quant/..." (quantized) or "<scope>/weights".
@@ -155,7 +150,7 @@ def _load_batchnorm(graph: GraphDef, scope: str, bn: nn.BatchNorm2d) -> None:
 
 def load_graphdef(model: nn.Module, path: Path) -> None:
     """Copy the weights and BatchNorms of a TF1 Object Detection API frozen graph into ``model``."""
-    model = _require_ssd(model, path)
+    model = expect_model(model, SSDMobileNetV2, path)
     graph = GraphDef(path)
     for scope, conv, bn in tf_layers(model):
         if not graph.children(scope):

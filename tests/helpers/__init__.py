@@ -1,0 +1,21 @@
+"""Real servers and processes the tests drive (broker, RTSP, MJPEG, the daemon)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+
+def wait_notified(cond: threading.Condition, predicate: Callable[[], bool],
+                  timeout: float) -> bool:
+    """Wait on ``cond`` until ``predicate()`` holds (re-checked on each notify, or every 0.1 s);
+    returns whether it did within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    with cond:
+        while not predicate():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            cond.wait(min(remaining, 0.1))
+        return True

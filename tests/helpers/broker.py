@@ -36,6 +36,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edged.config import MqttConfig, TLSConfig
+from helpers import wait_notified
 
 USERNAME = "edged"
 PASSWORD = "s3cret-test-pw"
@@ -209,14 +210,7 @@ class Subscriber:
 
     def wait(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
         """Wait until ``predicate()`` is true (checked after each message); returns it."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not predicate():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(min(remaining, 0.1))
-            return True
+        return wait_notified(self._cond, predicate, timeout)
 
     def wait_count(self, topic: str, n: int, timeout: float = 10.0) -> list[mqtt.MQTTMessage]:
         """Wait for at least ``n`` messages on ``topic``; returns them (fewer on timeout)."""

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from helpers import wait_notified
+
 
 def write_config(directory: Path, data: dict[str, Any], name: str = "edged.yaml") -> Path:
     """Write a deployment YAML into ``directory``; returns its path."""
@@ -49,14 +51,7 @@ class Daemon:
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait until ``predicate()`` holds (re-checked on each output line, or every 0.1 s)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not predicate():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(min(remaining, 0.1))
-            return True
+        return wait_notified(self._cond, predicate, timeout)
 
     def wait_log(self, pattern: str, timeout: float = 30.0) -> bool:
         """Wait for a stderr line matching the regular expression ``pattern``."""
