@@ -54,10 +54,11 @@ class InputSpec:
     height: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    name: str = "image"  # the graph's input name
 
     def metadata(self) -> dict[str, Any]:
         """The ``edged.input`` metadata value."""
-        return {"name": "image", "width": self.width, "height": self.height, "layout": "NCHW",
+        return {"name": self.name, "width": self.width, "height": self.height, "layout": "NCHW",
                 "color": "RGB", "mean": list(self.mean), "std": list(self.std)}
 
 

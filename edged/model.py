@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from edged.catalog import InputSpec
 from edged.config import Task
 from edged.detection import SsdAnchorParams, generate_ssd_anchors
 from edged.errors import EdgedError
@@ -28,17 +29,6 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     "segment": ("labels",),
 }
 _REQUIRED_KEYS = ("edged.format", "edged.task", "edged.labels", "edged.input")
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """The model input: ``[1, 3, height, width]`` float32 RGB, ``(pixel - mean) / std``."""
-
-    name: str
-    width: int
-    height: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -29,6 +28,7 @@ from edged import __version__
 from edged.catalog import InputSpec
 from edged.errors import EdgedError
 from edged.fetch import atomic_file
+from edged.preprocess import Preprocessor
 
 OPSET = 17
 TOLERANCE = 1e-4  # max abs difference ORT vs PyTorch on float outputs
@@ -43,10 +43,10 @@ def _quiet(_step: str, _detail: str) -> None:
 
 
 def input_tensor(image: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """An RGB uint8 photo (H x W x 3) as the network's normalized NCHW float32 input."""
-    resized = cv2.resize(image, (spec.width, spec.height), interpolation=cv2.INTER_LINEAR)
-    x = (resized.astype(np.float32) - np.float32(spec.mean)) / np.float32(spec.std)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+    """An RGB uint8 photo (H x W x 3) as the network's input, preprocessed exactly as the
+    daemon does it (a copy: the preprocessor reuses its buffer)."""
+    tensor, _roi = Preprocessor(spec)(np.ascontiguousarray(image[..., ::-1]))
+    return tensor.copy()
 
 
 def fold_constants(model: onnx.ModelProto) -> int:

@@ -5,18 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 import onnx
 import pytest
 import torch
 from skimage import data
 
-from edged.catalog import get_model
+from edged.catalog import InputSpec, get_model
 from edged.errors import EdgedError
 from edged.model import Model, load_model
 from edged.preprocess import Preprocessor
 from models.deeplabv3 import build
+from models.export import input_tensor
 from models.importers.deeplabv3_mobilenet_v2 import load_tflite
 from models.mobilenetv2 import MobileNetV2
 from models.summary import summarize
@@ -51,8 +51,8 @@ def segment(model: Model, rgb: np.ndarray) -> np.ndarray:
 
 
 def torch_input(rgb: np.ndarray, size: int = 513) -> torch.Tensor:
-    x = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR).astype(np.float32)
-    return torch.from_numpy((x - 128.0) / 128.0).permute(2, 0, 1)[None]
+    spec = InputSpec(size, size, (128.0,) * 3, (128.0,) * 3)
+    return torch.from_numpy(input_tensor(rgb, spec))
 
 
 def test_astronaut_is_about_42_percent_person(model: Model) -> None:

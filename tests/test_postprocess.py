@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import skimage.data
 
+from edged.catalog import InputSpec
 from edged.config import RegionConfig
 from edged.errors import EdgedError
 from edged.frame import Frame
-from edged.model import InputSpec, Model, ModelInfo, load_model
+from edged.model import Model, ModelInfo, load_model
 from edged.postprocess import (
     PostprocessOptions,
     Postprocessor,
@@ -172,7 +173,7 @@ def test_segment_rle_map_round_trips(segmenter: Model) -> None:
 
 SEG_INFO = ModelInfo(path=Path("synthetic.onnx"), task="segment", name="synthetic",
                      labels=("background", "cat", "dog", "person"),
-                     input=InputSpec("image", 40, 30, (128.0,) * 3, (128.0,) * 3))
+                     input=InputSpec(40, 30, (128.0,) * 3, (128.0,) * 3))
 
 
 def test_segment_statistics_on_a_known_map() -> None:

@@ -9,12 +9,12 @@ import cv2
 import numpy as np
 import pytest
 
+from edged.catalog import InputSpec
 from edged.config import RegionConfig
 from edged.errors import EdgedError
-from edged.model import InputSpec
 from edged.preprocess import Preprocessor, Roi
 
-SPEC = InputSpec("image", 300, 300, (127.5, 127.5, 127.5), (127.5, 127.5, 127.5))
+SPEC = InputSpec(300, 300, (127.5, 127.5, 127.5), (127.5, 127.5, 127.5))
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def frames(bikes_clip: Path) -> list[np.ndarray]:
 
 def _reference(image: np.ndarray, spec: InputSpec) -> np.ndarray:
     """The same preprocessing spelled out step by step."""
-    resized = cv2.resize(image, (spec.width, spec.height), interpolation=cv2.INTER_LINEAR)
+    resized = cv2.resize(image, (spec.width, spec.height), interpolation=cv2.INTER_LINEAR_EXACT)
     rgb = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB).astype(np.float32)
     normalized = (rgb - np.array(spec.mean, np.float32)) / np.array(spec.std, np.float32)
     return normalized.transpose(2, 0, 1)[None]
@@ -49,7 +49,7 @@ def test_matches_the_step_by_step_reference(frames: list[np.ndarray]) -> None:
 
 
 def test_per_channel_mean_and_std_in_rgb_order(frames: list[np.ndarray]) -> None:
-    spec = InputSpec("image", 224, 160, (123.7, 116.3, 103.5), (58.4, 57.1, 57.4))
+    spec = InputSpec(224, 160, (123.7, 116.3, 103.5), (58.4, 57.1, 57.4))
     tensor, _ = Preprocessor(spec)(frames[0])
     assert tensor.shape == (1, 3, 160, 224)
     np.testing.assert_allclose(tensor, _reference(frames[0], spec), atol=1e-5)

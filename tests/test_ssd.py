@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 import onnx
 import pytest
@@ -16,6 +15,7 @@ from edged.catalog import get_model
 from edged.detection import RawDetections, SsdAnchorParams, detect, generate_ssd_anchors
 from edged.errors import EdgedError
 from edged.model import Model, load_model
+from models.export import input_tensor
 from models.importers.ssd_mobilenet_v2 import load_graphdef, load_tflite
 from models.importers.tf_graphdef import GraphDef
 from models.importers.tflite import TFLiteModel
@@ -42,10 +42,7 @@ def checkpoint(weights_dir: Path, name: str) -> Path:
 
 def run(model: Model, image: np.ndarray) -> dict[str, np.ndarray]:
     """Whole photo resized to the input, normalized as the metadata says."""
-    spec = model.info.input
-    x = cv2.resize(image, (spec.width, spec.height), interpolation=cv2.INTER_LINEAR)
-    x = (x.astype(np.float32) - np.float32(spec.mean)) / np.float32(spec.std)
-    return model.run(np.ascontiguousarray(x.transpose(2, 0, 1)[None]))
+    return model.run(input_tensor(image, model.info.input))
 
 
 def detections(model: Model, image: np.ndarray, threshold: float = 0.3) -> RawDetections:
