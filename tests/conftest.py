@@ -15,6 +15,13 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("EDGED_SHARED", REPO.parent / "shared"))
 
 
+@pytest.fixture(autouse=True)
+def _no_ambient_mirror(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests name their mirror explicitly: an EDGED_MIRROR from the shell (``./dev`` sets one)
+    must not turn a download test into a mirror read."""
+    monkeypatch.delenv("EDGED_MIRROR", raising=False)
+
+
 @pytest.fixture(scope="session")
 def weights_dir() -> Path:
     """The mirror folder of real pretrained checkpoints (../shared/weights)."""
