@@ -323,7 +323,7 @@ def _add_plan_command(sub: argparse._SubParsersAction) -> None:
         from edged.schedule.plan import parse_size
         from edged.schedule.report import run_plan
 
-        if args.time_limit <= 0:
+        if not args.time_limit > 0:  # also refuses nan
             raise EdgedError(f"--time-limit must be positive, got {args.time_limit:g}")
         budget = parse_size(args.budget) if args.budget is not None else None
         print(run_plan(args.model, args.output, args.plot, args.time_limit, budget,
@@ -355,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``edged`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # OpenCV and FFmpeg print their own lines for every unreadable file or stream; edged
+    # reports each problem once, in one line (set these variables to see theirs).
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     try:
         return int(args.func(args) or 0)
     except EdgedError as exc:

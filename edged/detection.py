@@ -47,9 +47,14 @@ class SsdAnchorParams:
                   if k != "generator"}
         values.setdefault("input_size", input_size)
         try:
-            return cls(**values)
+            params = cls(**values)
         except TypeError as exc:
             raise EdgedError(f"bad anchor generator parameters: {exc}") from None
+        # The scales are spread from min_scale to max_scale over the layers: two at least.
+        if not isinstance(params.num_layers, int) or params.num_layers < 2:
+            raise EdgedError(f"anchor generator: num_layers must be an integer >= 2, got "
+                             f"{params.num_layers!r}")
+        return params
 
     def grid_sizes(self) -> tuple[int, ...]:
         """The feature map sizes, given or derived from the input size."""

@@ -48,14 +48,20 @@ def sha256_file(path: Path) -> str:
 def atomic_file(path: Path) -> Iterator[BinaryIO]:
     """A temporary file beside ``path``, renamed onto it when the block succeeds and deleted
     when it raises: nobody ever sees a half-written or unverified file at ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as exc:
+        raise EdgedError(f"{path}: cannot write here ({exc.strerror})") from None
     os.close(fd)
     try:
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from a service user
         with open(tmp, "wb") as f:  # by name, so ``f.name`` is the path
             yield f
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise EdgedError(f"{path}: cannot write here ({exc.strerror})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

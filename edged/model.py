@@ -151,7 +151,7 @@ def _read_info(path: Path, session: ort.InferenceSession) -> ModelInfo:
         raise EdgedError(f"{path}: unsupported edged.format {version!r} (this edged reads "
                          f"{FORMAT_VERSION})")
     task = _meta_value(path, meta, "edged.task")
-    if task not in OUTPUTS:
+    if not isinstance(task, str) or task not in OUTPUTS:
         raise EdgedError(f"{path}: edged.task must be one of {', '.join(OUTPUTS)}, got {task!r}")
     labels = _meta_value(path, meta, "edged.labels")
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):

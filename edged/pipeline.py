@@ -254,9 +254,10 @@ class Pipeline:
             "latency_ms": {key: window.summary() for key, window in self.timings.items()},
         }
 
-    def command(self, message: Any) -> dict[str, Any]:
+    def command(self, message: Any, dry_run: bool = False) -> dict[str, Any]:
         """Validate and apply a command; reply ``{"ok": true, ...}`` or ``{"ok": false,
-        "error": "..."}``. All of a message's keys are checked before any is applied."""
+        "error": "..."}``. All of a message's keys are checked before any is applied.
+        ``dry_run``: only check, change nothing (the reply says what would happen)."""
         try:
             with self._lock:
                 changes = parse_command(message)
@@ -268,10 +269,14 @@ class Pipeline:
                         settings.thresholds.update(value)
                     else:
                         setattr(settings, key, value)
-                self._apply(settings)
+                if dry_run:
+                    self._postprocessor(settings)  # raises as _apply would
+                else:
+                    self._apply(settings)
         except EdgedError as exc:
             return {"ok": False, "stream": self.name, "error": str(exc)}
-        log.info("stream %s: command applied: %s", self.name, changes)
+        if not dry_run:
+            log.info("stream %s: command applied: %s", self.name, changes)
         return {"ok": True, "stream": self.name, "applied": changes}
 
     def reconfigure(self, config: StreamConfig) -> None:
@@ -345,7 +350,9 @@ def _flag(path: str, value: Any) -> bool:
 def _fps(path: str, value: Any) -> float | None:
     if value is None or value == 0:
         return None  # no limit
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    # JSON's NaN and Infinity parse as floats; neither is a rate (nor valid JSON in the reply).
+    if (isinstance(value, bool) or not isinstance(value, int | float) or value < 0
+            or not math.isfinite(value)):
         raise EdgedError(f"{path}: must be a number > 0 (0 or null: no limit), got {value!r}")
     return float(value)
 
@@ -355,11 +362,24 @@ COMMANDS: dict[str, Callable[[str, Any], Any]] = {
 }
 
 
+def command_all(pipelines: dict[str, Pipeline], message: Any) -> dict[str, Any]:
+    """A command for every stream: checked on all of them first, applied only if every stream
+    accepts it, so a refusal by one stream leaves all of them unchanged."""
+    errors = [f"{name}: {reply['error']}" for name, pipeline in pipelines.items()
+              if not (reply := pipeline.command(message, dry_run=True))["ok"]]
+    if errors:
+        return {"ok": False, "error": "; ".join(errors)}
+    return {"ok": True, "streams": {name: pipeline.command(message)
+                                    for name, pipeline in pipelines.items()}}
+
+
 def parse_command(message: Any) -> dict[str, Any]:
     """Check a command message's keys and value types; raise ``EdgedError`` (one line) naming
     the first problem. (Labels are checked against the model when the settings are applied.)"""
     if not isinstance(message, dict) or not message:
         raise EdgedError('command must be a non-empty JSON object, e.g. {"threshold": 0.4}')
+    if "pause" in message and "resume" in message:
+        raise EdgedError("pause and resume: give one of them, not both")
     changes: dict[str, Any] = {}
     for key, value in message.items():
         if key == "thresholds":

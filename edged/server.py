@@ -24,7 +24,7 @@ from edged.config import Config, StreamConfig, load_config
 from edged.errors import EdgedError
 from edged.frame import Frame
 from edged.model import Model, load_model
-from edged.pipeline import Pipeline
+from edged.pipeline import Pipeline, command_all
 from edged.sinks import Sink, open_sinks
 from edged.sources import FrameReader
 from edged.stats import ProcessStats
@@ -268,12 +268,8 @@ class Server:
             return {"ok": False, "error": f"not JSON: {exc}"}
         if stream is None:
             # A copy: a reload on the main thread may change the streams meanwhile.
-            replies = {name: r.pipeline.command(message)
-                       for name, r in list(self.streams.items())}
-            errors = [f"{n}: {r['error']}" for n, r in replies.items() if not r["ok"]]
-            if errors:
-                return {"ok": False, "error": "; ".join(errors), "streams": replies}
-            return {"ok": True, "streams": replies}
+            return command_all({name: r.pipeline for name, r in list(self.streams.items())},
+                               message)
         running = self.streams.get(stream)
         if running is None:
             return {"ok": False, "error": f"no stream {stream!r} (streams: "
@@ -389,9 +385,10 @@ def check(config: Config, out: Any = sys.stdout) -> int:
               f"frames, {ms:.1f} ms per frame", file=out)
     cores = len(os.sched_getaffinity(0))
     load = sum(ms * rate for _, _, ms, rate in rows) / 1000
-    print(f"capacity: {' + '.join(f'{ms:.1f} ms x {rate:g} fps' for _, _, ms, rate in rows)}"
-          f" = {load * 100:.0f} % of the machine ({cores} cores, inference uses all of them)",
-          file=out)
+    if rows:  # no stream got as far as a timed inference: no estimate to give
+        print(f"capacity: {' + '.join(f'{ms:.1f} ms x {rate:g} fps' for _, _, ms, rate in rows)}"
+              f" = {load * 100:.0f} % of the machine ({cores} cores, inference uses all of "
+              "them)", file=out)
     if load > 1:
         problems.append(f"over capacity: the streams need {load * 100:.0f} % of the machine; "
                         "lower their fps or use a smaller model")

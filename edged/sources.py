@@ -221,8 +221,13 @@ class FolderCapture(Capture):
     def read(self) -> np.ndarray | None:
         if not self._pending:
             return None
-        image = cv2.imread(str(self._pending.popleft()), cv2.IMREAD_COLOR)
-        return image if image is not None else np.empty((0, 0, 3), np.uint8)
+        path = self._pending.popleft()
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            # Counted as a bad frame by the reader; the log names the file to fix or remove.
+            log.warning("source %s: %s is not a readable image, skipped", self.uri, path.name)
+            return np.empty((0, 0, 3), np.uint8)
+        return image
 
     def close(self) -> None:
         self._pending.clear()

@@ -96,6 +96,20 @@ def test_fetch_from_mirror_into_cache(weights_dir: Path, tmp_path: Path) -> None
     assert fetch(MNV2.checkpoint, tmp_path) == path
 
 
+def test_unwritable_cache_is_one_line_and_leaves_nothing(weights_dir: Path,
+                                                         tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("a file where the cache folder should be")
+    with pytest.raises(EdgedError, match=r"^.*/file/.*: cannot write here \(Not a directory\)$"):
+        fetch(MNV2.checkpoint, not_a_folder, mirror=weights_dir)
+    # The destination is taken by a folder: the rename fails, the partial file is removed.
+    cache = tmp_path / "cache"
+    cached_path(MNV2.checkpoint, cache).mkdir(parents=True)
+    with pytest.raises(EdgedError, match=r"cannot write here \(Is a directory\)$"):
+        fetch(MNV2.checkpoint, cache, mirror=weights_dir)
+    assert not list(cached_path(MNV2.checkpoint, cache).parent.glob("*.part"))
+
+
 def test_locate_uses_mirror_file_without_copying(weights_dir: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGED_MIRROR", str(weights_dir))

@@ -164,12 +164,26 @@ def test_rtsp_source_restart_is_picked_up(tmp_path: Path, rtsp_server: RtspServe
      "edged: streams[0].model: unknown model 'no_such_model'"),
     (["check", "--config", "/nonexistent/edged.yaml"],
      "edged: /nonexistent/edged.yaml: no such configuration file"),
+    (["plan", "/nonexistent/model.onnx", "--time-limit", "nan"],
+     "edged: --time-limit must be positive, got nan"),
 ])
 def test_bad_flags_give_one_line(args: list[str], expected: str, tmp_path: Path) -> None:
     done = edged(*args, "--state-dir", str(tmp_path)) if args[0] == "run" else edged(*args)
     assert done.returncode == 2
     assert done.stderr.startswith(expected), done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_a_video_that_is_not_one_gives_one_line(tmp_path: Path, bikes_clip: Path,
+                                                converted_model) -> None:
+    """Only edged's line: no decoder chatter from the video libraries beneath."""
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(bikes_clip.read_bytes()[-300_000:])  # the tail alone: no index atom
+    done = edged("run", "--task", "classify", "--source", str(cut), "--state-dir",
+                 str(tmp_path), "--model", str(converted_model("mobilenet_v2_imagenet")),
+                 "--log-level", "error")
+    assert done.returncode == 2
+    assert done.stderr == f"edged: {cut}: not a readable video file\n", done.stderr
 
 
 def test_missing_default_model_says_how_to_get_it(tmp_path: Path) -> None:
@@ -199,3 +213,4 @@ def test_check(tmp_path: Path, bikes_clip: Path, converted_model) -> None:
     assert done.returncode == 1, done.stdout + done.stderr
     assert "FAIL streams[0].model: " in done.stdout and "is a classify model" in done.stdout
     assert "FAIL streams[0].source.uri: no frame" in done.stdout
+    assert "capacity:" not in done.stdout  # nothing was timed: no empty estimate

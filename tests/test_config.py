@@ -158,6 +158,20 @@ def test_yaml_syntax_error_names_file_line_and_column(tmp_path: Path) -> None:
     assert "\n" not in message
 
 
+def test_a_key_given_twice_is_an_error(tmp_path: Path) -> None:
+    """YAML would keep the second ``streams`` silently, dropping the first one's streams."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("stdout: true\nstreams:\n  - {name: cam, task: detect, source: /dev/video0}"
+                    "\nstreams: []\n")
+    with pytest.raises(EdgedError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}:4:1: YAML syntax error: duplicate key 'streams'"
+    path.write_text("stdout: true\nstreams:\n  - {name: cam, task: detect, name: gate, "
+                    "source: /dev/video0}\n")
+    with pytest.raises(EdgedError, match=r":3:31: YAML syntax error: duplicate key 'name'$"):
+        load_config(path)
+
+
 def test_missing_file_and_top_level_not_a_mapping(tmp_path: Path) -> None:
     with pytest.raises(EdgedError, match="no such configuration file"):
         load_config(tmp_path / "nope.yaml")

@@ -137,6 +137,7 @@ def test_onnx_without_edged_metadata(tmp_path: Path) -> None:
     ({"format": 2}, "unsupported edged.format 2"),
     ({"input": None}, "metadata lacks edged.input"),
     ({"task": "track"}, "edged.task must be one of classify, detect, segment, got 'track'"),
+    ({"task": ["classify"]}, r"edged.task must be one of .*, got \['classify'\]"),
     ({"labels": Raw("[not json")}, "metadata edged.labels is not valid JSON"),
     ({"labels": []}, "edged.labels must be a non-empty list of strings"),
     ({"labels": ["background", "cat"]}, "2 labels but logits has 1001 classes"),
@@ -163,6 +164,10 @@ def test_detect_metadata_checked(detector: Path, tmp_path: Path) -> None:
     odd = _with_metadata(detector, tmp_path / "odd.onnx",
                          detect={**detect, "anchors": {"generator": "ssd", "stride": 16}})
     _assert_one_line_error(odd, "edged.detect: unknown anchor generator parameter.*stride")
+    one_layer = _with_metadata(detector, tmp_path / "one_layer.onnx", detect={
+        **detect, "anchors": {**detect["anchors"], "num_layers": 1, "feature_map_sizes": [19]}})
+    _assert_one_line_error(one_layer, "edged.detect: anchor generator: num_layers must be an "
+                                      "integer >= 2, got 1")
     none = _with_metadata(detector, tmp_path / "none.onnx", detect=None)
     _assert_one_line_error(none, "detect model without edged.detect anchors")
     coder = _with_metadata(detector, tmp_path / "coder.onnx",

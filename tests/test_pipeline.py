@@ -4,6 +4,7 @@ live commands."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections import Counter
@@ -19,7 +20,7 @@ from edged.config import parse_config
 from edged.errors import EdgedError
 from edged.frame import Frame
 from edged.model import Model, load_model
-from edged.pipeline import Pipeline, changed, parse_command
+from edged.pipeline import Pipeline, changed, command_all, parse_command
 from edged.sinks import encode_payload
 
 CAT_CLASSES = {"tabby, tabby cat", "tiger cat", "Egyptian cat"}
@@ -230,6 +231,9 @@ def test_commands_apply_live(detector: Model) -> None:
     ({"threshold": "high"}, "threshold: must be a number 0..1, got 'high'"),
     ({"fps": -2}, "fps: must be a number > 0 (0 or null: no limit), got -2"),
     ({"pause": "yes"}, "pause: must be true or false, got 'yes'"),
+    ({"fps": math.nan}, "fps: must be a number > 0 (0 or null: no limit), got nan"),
+    ({"fps": math.inf}, "fps: must be a number > 0 (0 or null: no limit), got inf"),
+    ({"pause": True, "resume": True}, "pause and resume: give one of them, not both"),
     ({"thresholds": {"persn": 0.5}}, "stream.thresholds: 'persn' is not a label"),
     ({"thresholds": [0.5]}, "thresholds: must be an object {label: score}"),
     ([1, 2], "command must be a non-empty JSON object"),
@@ -243,6 +247,22 @@ def test_bad_commands_are_refused_and_change_nothing(detector: Model, message: A
     assert reply["ok"] is False and reply["error"].startswith(error), reply
     assert "\n" not in reply["error"]
     assert json.dumps(pipeline.meta()) == before
+
+
+def test_device_wide_command_applies_to_all_streams_or_none(classifier: Model,
+                                                           detector: Model) -> None:
+    """``person`` is a COCO label but not an ImageNet class: the classify stream refuses the
+    command, so the detect stream must not take it either."""
+    pipelines = {"det": Pipeline(stream_config("/dev/video0", "detect"), detector, [], "test"),
+                 "cls": Pipeline(stream_config("/dev/video0", "classify"), classifier, [],
+                                 "test")}
+    reply = command_all(pipelines, {"thresholds": {"person": 0.9}})
+    assert reply["ok"] is False
+    assert reply["error"].startswith("cls: stream.thresholds: 'person' is not a label"), reply
+    assert pipelines["det"].settings.thresholds == {}
+    reply = command_all(pipelines, {"threshold": 0.7})
+    assert reply["ok"] is True and set(reply["streams"]) == {"det", "cls"}
+    assert [p.settings.threshold for p in pipelines.values()] == [0.7, 0.7]
 
 
 def test_parse_command_values() -> None:

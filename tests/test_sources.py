@@ -158,7 +158,8 @@ def test_still_image_loop_repeats_it(tmp_path: Path) -> None:
     assert np.array_equal(frames[4].image[:, :, 0], skimage.data.camera())
 
 
-def test_folder_in_name_order_skipping_bad_images(tmp_path: Path) -> None:
+def test_folder_in_name_order_skipping_bad_images(tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
     photos = {"b.png": skimage.data.chelsea(), "a.png": skimage.data.astronaut(),
               "c.jpg": skimage.data.coffee()}
     for name, rgb in photos.items():
@@ -172,6 +173,8 @@ def test_folder_in_name_order_skipping_bad_images(tmp_path: Path) -> None:
     assert [f.index for f in frames] == [0, 1, 2]
     assert reader.bad_frames == 1
     assert "ended" in log.names()
+    skipped = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert skipped == [f"source {tmp_path}: b2.png is not a readable image, skipped"]
 
 
 def test_to_bgr_converts_gray_and_bgra_and_rejects_the_rest() -> None:
