@@ -138,14 +138,15 @@ def _check(cmd: Sequence[str], what: str, timeout: float,
     return run_measured(cmd, what, timeout, env)[0]
 
 
-def check_host() -> None:
-    """Root and every host command the tier needs, or one line naming what to install."""
+def check_host(tools: Mapping[str, str], error: type[Exception] = Arm64Error) -> None:
+    """Root and every host command in ``tools`` (command -> Debian package), or one ``error``
+    line naming the packages to install (shared by every part of the system tier)."""
     if os.geteuid() != 0:
-        raise Arm64Error("the aarch64 tier needs root (debootstrap, mount namespaces, chroot)")
-    missing = sorted({pkg for tool, pkg in HOST_TOOLS.items() if shutil.which(tool) is None})
+        raise error("the system tier needs root (debootstrap, mount namespaces, nspawn, QEMU)")
+    missing = sorted({pkg for tool, pkg in tools.items() if shutil.which(tool) is None})
     if missing:
-        raise Arm64Error(f"the aarch64 tier needs the Debian packages {' '.join(missing)} "
-                         "(./dev test installs them)")
+        raise error(f"the system tier needs the Debian packages {' '.join(missing)} "
+                    "(./dev test installs them)")
 
 
 def ensure_binfmt() -> None:
@@ -344,7 +345,7 @@ def arm64_root() -> Iterator[Arm64Root]:
     """
     started = time.monotonic()
     try:
-        check_host()
+        check_host(HOST_TOOLS)
         CACHE.mkdir(parents=True, exist_ok=True)
         ensure_binfmt()
         with open(CACHE / "lock", "w") as lock:

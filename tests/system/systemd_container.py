@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 import yaml
 
-from system.arm64 import _digest, debian_mirror, project_files
+from system.arm64 import _digest, check_host, debian_mirror, project_files
 
 REPO = Path(__file__).resolve().parents[2]
 ARCH = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
@@ -106,17 +106,6 @@ def check(cmd: Sequence[str], what: str, timeout: float = 600,
         tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
         raise SystemTierError(f"{what} failed (exit {proc.returncode}): {tail}")
     return proc.stdout
-
-
-def check_host(tools: dict[str, str]) -> None:
-    """Root and every host command in ``tools`` (command -> Debian package), or one line
-    naming the packages to install."""
-    if os.geteuid() != 0:
-        raise SystemTierError("the system tier needs root (debootstrap, mounts, nspawn, QEMU)")
-    missing = sorted({pkg for tool, pkg in tools.items() if shutil.which(tool) is None})
-    if missing:
-        raise SystemTierError(f"the system tier needs the Debian packages {' '.join(missing)} "
-                           "(./dev test installs them)")
 
 
 def publish_dir(tmp: Path, final: Path) -> Path:
@@ -257,7 +246,7 @@ def device_root(request: pytest.FixtureRequest) -> Iterator[DeviceRoot]:
     request.config.pluginmanager.register(_Summary(), "edged-system-host-summary")
     started = time.monotonic()
     try:
-        check_host(HOST_TOOLS)
+        check_host(HOST_TOOLS, SystemTierError)
         CACHE.mkdir(parents=True, exist_ok=True)
         with open(CACHE / "lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from system.arm64 import check_host
 from system.systemd_container import (
     ARCH,
     CACHE,
@@ -33,7 +34,6 @@ from system.systemd_container import (
     DeviceRoot,
     SystemTierError,
     check,
-    check_host,
     publish_dir,
 )
 
@@ -231,7 +231,7 @@ class VMImage:
 def vm_kernel(device_root: DeviceRoot) -> Kernel:
     """The cached Debian kernel with vivid's modules."""
     try:
-        check_host(HOST_TOOLS)
+        check_host(HOST_TOOLS, SystemTierError)
         return fetch_kernel()
     except SystemTierError as exc:
         pytest.fail(str(exc), pytrace=False)
