@@ -190,12 +190,13 @@ class Pipeline:
         timings = Timings(start, preprocessed, inferred, time.monotonic())
         self.processed += 1
         self.fps.tick(timings.done)
-        for key, value in timings.latency(frame).items():
+        latency = timings.latency(frame)
+        for key, value in latency.items():
             self.timings[key].add(value)
         if not self._policy(result, publish, timings.done):
             self.skipped += 1
             return None
-        message = self.results.build(frame, timings, result)
+        message = self.results.build(frame, latency, result)
         self._publish("result", message)
         self.published += 1
         if (isinstance(result, Detections) and publish.snapshot

@@ -232,8 +232,8 @@ def test_result_message(classifier: Model) -> None:
     builder = ResultBuilder("pi-kitchen", "door", "classify", classifier.info.name)
     timings = Timings(start=mono + 0.010, preprocessed=mono + 0.0115, inferred=mono + 0.0235,
                       done=mono + 0.0240)
-    first = builder.build(frame, timings, result)
-    second = json.loads(json.dumps(builder.build(frame, timings, result)))
+    first = builder.build(frame, timings.latency(frame), result)
+    second = json.loads(json.dumps(builder.build(frame, timings.latency(frame), result)))
     assert (first["seq"], second["seq"]) == (1, 2)
     assert first["schema"] == SCHEMA_VERSION
     assert (first["device"], first["stream"], first["task"], first["model"]) == \
