@@ -53,10 +53,10 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6, 1)
 
 
-def temperatures() -> dict[str, float]:
+def temperatures(root: str = "/sys/class/thermal") -> dict[str, float]:
     """Readable thermal zones as {type: degrees C}, e.g. {"cpu-thermal": 51.6}; empty if none."""
     readings: dict[str, float] = {}
-    for zone in sorted(glob.glob("/sys/class/thermal/thermal_zone*")):
+    for zone in sorted(glob.glob(f"{root}/thermal_zone*")):
         try:
             with open(f"{zone}/temp") as f:
                 millis = int(f.read().strip())

@@ -47,12 +47,14 @@ def bikes_clip(samples_dir: Path) -> Path:
 def _models_code_digest() -> str:
     """A digest of everything that shapes a converted model, so the cache never goes stale."""
     import hashlib
+    import importlib.metadata
 
     digest = hashlib.sha256()
-    for path in sorted([*REPO.glob("models/**/*.py"), REPO / "edged" / "catalog.py",
-                        REPO / "edged" / "__init__.py"]):
-        if path.is_file():
-            digest.update(path.read_bytes())
+    # Conversion (int8 included) runs code from both packages, on these libraries.
+    for path in sorted([*REPO.glob("models/**/*.py"), *REPO.glob("edged/**/*.py")]):
+        digest.update(path.read_bytes())
+    for package in ("torch", "onnx", "onnxruntime", "numpy", "opencv-python-headless"):
+        digest.update(f"{package}=={importlib.metadata.version(package)}".encode())
     return digest.hexdigest()[:16]
 
 

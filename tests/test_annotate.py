@@ -83,9 +83,11 @@ def test_segmentation_overlay(converted_model: Callable[..., Path]) -> None:
     pick = slice(None, None, 97)
     expected = 0.4 * chelsea[ys[pick], xs[pick]] + 0.6 * cat
     legend_rows = ys[pick] > 40  # the legend tags sit in the top-left corner
+    assert legend_rows.sum() > 100
     np.testing.assert_allclose(drawn[ys[pick], xs[pick]][legend_rows], expected[legend_rows],
                                atol=1.0)
     bg_y, bg_x = np.nonzero(class_map == 0)
+    assert bg_y.size > 100
     np.testing.assert_array_equal(drawn[bg_y, bg_x], chelsea[bg_y, bg_x])
     np.testing.assert_array_equal(drawn[roi.height:], chelsea[roi.height:])  # outside the ROI
     decoded = _decode(annotate_segmentation(chelsea, result))
