@@ -27,7 +27,7 @@ from edged.catalog import (
 )
 from edged.errors import EdgedError
 from edged.fetch import FetchProgress, locate, no_progress, sha256_file
-from models.export import Progress, export_model
+from models.export import Progress, export_model, quiet
 from models.quantize import check_precision, quantize_model, skip_write
 
 ARCHITECTURES: dict[str, str] = {
@@ -41,10 +41,6 @@ INT8_STEPS: tuple[str, ...] = (*STEPS[:-1], "quantize", "agree", "write")  # --i
 
 # A user's torchvision classifier: torchvision's ImageNet preprocessing (pixel in 0..255).
 TORCHVISION_INPUT = InputSpec(224, 224, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
-
-
-def _quiet(_step: str, _detail: str) -> None:
-    """The default progress callback: say nothing."""
 
 
 def architecture(name: str) -> ModuleType:
@@ -97,7 +93,7 @@ def convert_catalog_model(
     mirror: str | os.PathLike[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     verify_image: str | os.PathLike[str] | None = None,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
     fetch_progress: FetchProgress = no_progress,
     precision: str = "fp32",
     calibration: str | os.PathLike[str] | None = None,
@@ -134,7 +130,7 @@ def convert_torchvision(
     width_mult: float = 1.0,
     num_classes: int | None = None,
     verify_image: str | os.PathLike[str] | None = None,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
     precision: str = "fp32",
     calibration: str | os.PathLike[str] | None = None,
 ) -> Path:

@@ -38,7 +38,7 @@ MIN_INT_AGREEMENT = 0.999
 Progress = Callable[[str, str], None]
 
 
-def _quiet(_step: str, _detail: str) -> None:
+def quiet(_step: str, _detail: str) -> None:
     """The default progress callback: say nothing."""
 
 
@@ -151,11 +151,11 @@ def fold_pads(model: onnx.ModelProto) -> int:
         folded.append(pad)
     for pad in folded:
         graph.node.remove(pad)
-    _drop_unused_constants(graph)
+    drop_unused_constants(graph)
     return len(folded)
 
 
-def _drop_unused_constants(graph: onnx.GraphProto) -> None:
+def drop_unused_constants(graph: onnx.GraphProto) -> None:
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
         graph.node.remove(node)
@@ -212,7 +212,7 @@ def export_model(
     metadata: dict[str, Any],
     verify_image: np.ndarray,
     verify_name: str,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> dict[str, float]:
     """Export ``model`` (eval mode) to ``output`` with ``metadata`` (``edged.*`` keys).
 
@@ -239,7 +239,7 @@ def export_model(
     folded = fold_pads(proto)
     if fold_shapes(proto):  # needs the pads known; then fold what the shapes feed
         fold_constants(proto)
-        _drop_unused_constants(proto.graph)
+        drop_unused_constants(proto.graph)
     if folded:
         progress("export", f"folded {folded} Pad nodes into Conv pads")
     set_metadata(proto, {"edged.format": 1, "edged.version": __version__,

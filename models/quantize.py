@@ -20,22 +20,22 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from edged.errors import EdgedError
 from edged.fetch import atomic_file
 from edged.model import load_model
 from edged.preprocess import Preprocessor
+from edged.schedule.session import optimize_offline
 from models.agreement import Frame, agreement_report, load_frames, photo_frames
-from models.export import _drop_unused_constants, set_metadata
+from models.export import Progress, drop_unused_constants, quiet, set_metadata
 from models.importers.tflite import Operator, Tensor, TFLiteModel, conv_weights
 
 PRECISIONS = ("fp32", "int8")
@@ -54,7 +54,6 @@ _ACTIVATIONS = frozenset({"Relu", "Clip"})
 # Float ops that must not survive ONNX Runtime's optimizations in an int8 model.
 FLOAT_OPS = frozenset({"Conv", "FusedConv", "Add", "Sum"})
 
-Progress = Callable[[str, str], None]
 
 
 @dataclass(frozen=True)
@@ -327,7 +326,7 @@ class _Carrier:
         del graph.node[:]
         graph.node.extend(result)
         graph.initializer.extend(self.new_inits)
-        _drop_unused_constants(graph)  # the float weights and the folded activations' bounds
+        drop_unused_constants(graph)  # the float weights and the folded activations' bounds
 
 
 def coarse_labels(model: onnx.ModelProto, step: int = LABEL_STEP) -> bool:
@@ -365,7 +364,7 @@ def coarse_labels(model: onnx.ModelProto, step: int = LABEL_STEP) -> bool:
     at = list(graph.node).index(argmax) + 1
     for offset, node in enumerate(tail):
         graph.node.insert(at + offset, node)
-    _drop_unused_constants(graph)  # the full-size resize's sizes
+    drop_unused_constants(graph)  # the full-size resize's sizes
     return True
 
 
@@ -485,15 +484,7 @@ def fit_qlinear_weights(model: onnx.ModelProto) -> int:
 def check_int8(model: onnx.ModelProto, where: str) -> dict[str, int]:
     """Optimize ``model`` as the daemon's sessions do (ORT_ENABLE_ALL) and fail unless no float
     Conv / Add is left. Returns the optimized graph's op counts."""
-    with tempfile.TemporaryDirectory() as tmp:
-        optimized = Path(tmp) / "optimized.onnx"
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.optimized_model_filepath = str(optimized)
-        options.log_severity_level = 3
-        ort.InferenceSession(model.SerializeToString(), options,
-                             providers=["CPUExecutionProvider"])
-        graph = onnx.load(str(optimized)).graph
+    graph = optimize_offline(model).graph
     counts: dict[str, int] = {}
     for node in graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
@@ -539,7 +530,7 @@ def quantize_model(float_path: str | os.PathLike[str], output: str | os.PathLike
     scikit-image's photos plus the calibration frames) is stored as ``edged.agreement`` and
     returned.
     """
-    progress = progress or (lambda _step, _detail: None)
+    progress = progress or quiet
     output = Path(output)
     frames = load_frames(calibration) if calibration is not None else []
     if checkpoint_format == "tflite":

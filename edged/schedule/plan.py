@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from edged.errors import EdgedError
+from edged.fetch import atomic_file
 from edged.schedule.blocks import Block, Builder, find_blocks, replace_nodes
 from edged.schedule.graph import OpGraph, reordered_model
 from edged.schedule.memory import MemoryModel, Simulation
@@ -273,12 +274,8 @@ def plan_file(path: Path, budget: int, verify_image: str | Path | None = None) -
 
     graph = load_graph(path)
     planned, model = plan_for_budget(graph, budget, verify_image)
-    partial = path.with_name(f".{path.name}.planning")
-    try:
-        onnx.save(model, str(partial))
-        partial.replace(path)
-    except OSError as exc:
-        raise EdgedError(f"{path}: cannot write the planned model ({exc.strerror})") from None
+    with atomic_file(Path(path)) as f:
+        f.write(model.SerializeToString())
     before = MemoryModel(graph).simulate(graph.file_order).peak
     return (f"planned for {budget / 1e6:.2f} MB: {planned.plan.describe()}; per-inference "
             f"peak {before / 1e6:.2f} MB -> {planned.peak / 1e6:.2f} MB")

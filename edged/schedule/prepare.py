@@ -23,6 +23,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from edged.errors import EdgedError
+from edged.fetch import atomic_file
 
 
 def _cpu_features() -> str:
@@ -99,9 +100,8 @@ def prepare(path: Path, output: Path, any_model: bool) -> None:
         return
     graph = OpGraph.from_model(model, str(path))
     order = graph.file_order if planned else best_order(graph, time_limit=2.0).order
-    partial = output.with_suffix(f".{os.getpid()}.tmp")
-    onnx.save(optimize_for_lean(graph, order), str(partial))
-    partial.replace(output)
+    with atomic_file(output) as f:
+        f.write(optimize_for_lean(graph, order).SerializeToString())
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnx
 
 from edged.errors import EdgedError
+from edged.fetch import atomic_file
 from edged.schedule.graph import load_graph, reordered_model
 from edged.schedule.memory import MemoryModel, Simulation
 from edged.schedule.order import OrderResult, best_order
@@ -111,10 +111,8 @@ def run_plan(model: Path, output: Path | None = None, plot: Path | None = None,
                    f"caller, not counted): {inputs} KB")
         written = reordered_model(graph, result.order, plan_record(result, as_is.peak))
     if output is not None:
-        try:
-            onnx.save(written, str(output))
-        except OSError as exc:
-            raise EdgedError(f"{output}: cannot write the model ({exc.strerror})") from None
+        with atomic_file(Path(output)) as f:
+            f.write(written.SerializeToString())
     label = "planned" if budget is not None else "best order"
     if plot is not None:
         draw_plot(plot, {"file order": as_is, label: best})
