@@ -32,7 +32,6 @@ class OrderResult:
     method: str  # "file", "greedy" or "search"
     exact: bool
     lower_bound: int
-    seconds: float
 
 
 def greedy_order(model: MemoryModel) -> list[int]:
@@ -166,4 +165,4 @@ def best_order(graph: OpGraph, rules: MemoryRules = ORT_LEAN, time_limit: float 
                 budget = search.overshoot
     finally:
         sys.setrecursionlimit(limit)
-    return OrderResult(tuple(order), peak, method, exact, bound, time.monotonic() - start)
+    return OrderResult(tuple(order), peak, method, exact, bound)

@@ -112,8 +112,8 @@ def resort_like(graph: OpGraph, reference: Sequence[str]) -> list[int]:
     return order
 
 
-def optimize_for_lean(graph: OpGraph, order: Sequence[int], threads: int | None = None,
-                      plan: dict | None = None) -> onnx.ModelProto:
+def optimize_for_lean(graph: OpGraph, order: Sequence[int],
+                      threads: int | None = None) -> onnx.ModelProto:
     """Optimize ``graph``'s model offline, then sort the optimized nodes into ``order`` (an order
     of ``graph``'s ops), ready to run under ``lean_session_options``."""
     from edged.schedule.graph import OpGraph, reordered_model
@@ -121,4 +121,4 @@ def optimize_for_lean(graph: OpGraph, order: Sequence[int], threads: int | None 
     reference = [t for i in order for t in graph.ops[i].outputs]
     optimized = optimize_offline(graph.model, threads)
     saved = OpGraph.from_model(optimized, f"{graph.source} (optimized)")
-    return reordered_model(saved, resort_like(saved, reference), plan)
+    return reordered_model(saved, resort_like(saved, reference))
