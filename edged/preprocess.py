@@ -7,7 +7,9 @@ source so results can be mapped back to source pixels.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -98,3 +100,19 @@ class Preprocessor:
         np.subtract(chw_rgb, self._mean, out=self._tensor[0])
         np.multiply(self._tensor[0], self._inv_std, out=self._tensor[0])
         return self._tensor, roi
+
+
+def verification_photo(path: str | os.PathLike[str] | None = None) -> tuple[np.ndarray, str]:
+    """A real photo as RGB uint8 and its name, for checking a converted or rewritten model:
+    ``path``, else scikit-image's astronaut."""
+    if path is None:
+        try:
+            from skimage import data
+        except ImportError:
+            raise EdgedError("verification needs a real photo: install scikit-image (part of the "
+                             "convert extra) or pass --verify-image FILE") from None
+        return data.astronaut(), "skimage.data.astronaut"
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise EdgedError(f"{path}: not a readable image (--verify-image)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), Path(path).name

@@ -15,7 +15,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import numpy as np
 from torch import nn
 
 from edged.catalog import (
@@ -27,6 +26,7 @@ from edged.catalog import (
 )
 from edged.errors import EdgedError
 from edged.fetch import FetchProgress, locate, no_progress, sha256_file
+from edged.preprocess import verification_photo
 from models.export import Progress, export_model, quiet
 from models.quantize import check_precision, quantize_model, skip_write
 
@@ -67,23 +67,6 @@ def importer(arch_name: str, checkpoint_format: str) -> Callable[[nn.Module, Pat
     except KeyError:
         raise EdgedError(f"no {checkpoint_format!r} importer for {arch_name!r} (have: "
                          f"{', '.join(module.IMPORTERS)})") from None
-
-
-def load_verify_image(path: str | os.PathLike[str] | None = None) -> tuple[np.ndarray, str]:
-    """A real photo as RGB uint8 and its name: ``path``, else scikit-image's astronaut."""
-    if path is None:
-        try:
-            from skimage import data
-        except ImportError:
-            raise EdgedError("verification needs a real photo: install scikit-image (part of the "
-                             "convert extra) or pass --verify-image FILE") from None
-        return data.astronaut(), "skimage.data.astronaut"
-    import cv2
-
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise EdgedError(f"{path}: not a readable image (--verify-image)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), Path(path).name
 
 
 def convert_catalog_model(
@@ -165,7 +148,7 @@ def _convert(arch: dict[str, Any], checkpoint: Path, checkpoint_format: str, lab
     classes = arch.get("num_classes")
     if classes is not None and classes != len(labels):
         raise EdgedError(f"{len(labels)} labels but the model has {classes} classes")
-    image, image_name = load_verify_image(verify_image)  # fail on a bad photo before the work
+    image, image_name = verification_photo(verify_image)  # fail on a bad photo before the work
 
     module = architecture(arch["name"])
     progress("build", f"{arch['name']} {({k: v for k, v in arch.items() if k != 'name'})}")

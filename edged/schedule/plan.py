@@ -202,31 +202,22 @@ def plan_for_budget(graph: OpGraph, budget: int, verify_image: str | Path | None
 
 def verify_feed(graph: OpGraph, image: str | Path | None = None) -> dict[str, np.ndarray]:
     """The model's input made from a real photo (``image``, else scikit-image's astronaut),
-    normalized as the model's ``edged.input`` metadata says (else to [-1, 1])."""
-    import cv2
+    preprocessed as the daemon does it, with the model's ``edged.input`` mean and std (else
+    normalized to [-1, 1])."""
+    from edged.catalog import InputSpec
+    from edged.preprocess import Preprocessor, verification_photo
 
-    if image is None:
-        try:
-            from skimage import data
-        except ImportError:
-            raise EdgedError("checking a rewrite needs a real photo: install scikit-image or "
-                             "pass --verify-image FILE") from None
-        rgb = data.astronaut()
-    else:
-        bgr = cv2.imread(str(image), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise EdgedError(f"{image}: not a readable image (--verify-image)")
-        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    rgb, _name = verification_photo(image)
     name = graph.inputs[0]
     shape = graph.tensors[name].shape
     if len(shape) != 4 or shape[:2] != (1, 3):
         raise EdgedError(f"{graph.source}: input {name!r} is {list(shape)}, not [1, 3, H, W]")
     meta = {p.key: p.value for p in graph.model.metadata_props}
     spec = json.loads(meta.get("edged.input", "{}"))
-    mean = np.array(spec.get("mean", [127.5] * 3), np.float32)
-    std = np.array(spec.get("std", [127.5] * 3), np.float32)
-    pixels = cv2.resize(rgb, (shape[3], shape[2]), interpolation=cv2.INTER_AREA)
-    return {name: ((pixels.astype(np.float32) - mean) / std).transpose(2, 0, 1)[None].copy()}
+    mean, std = spec.get("mean", [127.5] * 3), spec.get("std", [127.5] * 3)
+    tensor, _roi = Preprocessor(InputSpec(shape[3], shape[2], tuple(mean), tuple(std), name))(
+        np.ascontiguousarray(rgb[..., ::-1]))
+    return {name: tensor.copy()}
 
 
 def check_equivalent(original: onnx.ModelProto, rewritten: onnx.ModelProto,
