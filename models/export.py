@@ -26,7 +26,7 @@ from torch import nn
 
 from edged import __version__
 from edged.catalog import InputSpec
-from edged.errors import EdgedError
+from edged.errors import EdgedError, first_line
 from edged.fetch import atomic_file
 from edged.preprocess import Preprocessor
 
@@ -247,8 +247,8 @@ def export_model(
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise EdgedError(f"{output}: exported graph fails the ONNX checker: {first}") from None
+        raise EdgedError(f"{output}: exported graph fails the ONNX checker: "
+                         f"{first_line(exc)}") from None
 
     progress("verify", f"ONNX Runtime vs PyTorch on {verify_name}")
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edged.errors import EdgedError
+from edged.errors import EdgedError, first_line
 from edged.fetch import atomic_file
 from edged.model import load_model
 from edged.preprocess import Preprocessor
@@ -548,8 +548,8 @@ def quantize_model(float_path: str | os.PathLike[str], output: str | os.PathLike
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise EdgedError(f"{output}: int8 graph fails the ONNX checker: {first}") from None
+        raise EdgedError(f"{output}: int8 graph fails the ONNX checker: "
+                         f"{first_line(exc)}") from None
     check_int8(model, str(output))
 
     set_metadata(model, {"edged.precision": precision})

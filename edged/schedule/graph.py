@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edged.errors import EdgedError
+from edged.errors import EdgedError, first_line
 
 PLAN_KEY = "edged.plan"
 # Ops whose bodies are subgraphs: their memory is not a function of the outer graph's order.
@@ -163,13 +163,8 @@ def load_graph(path: str | Path) -> OpGraph:
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf raises DecodeError, onnx several others
-        raise EdgedError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+        raise EdgedError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
     return OpGraph.from_model(model, str(path))
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def _static_shape(value: onnx.ValueInfoProto) -> tuple[tuple[int, ...], int] | None:
@@ -189,7 +184,7 @@ def _tensor_sizes(model: onnx.ModelProto, names: list[str], inputs: tuple[str, .
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except Exception as exc:
-        raise EdgedError(f"{source}: ONNX shape inference failed ({_first_line(exc)})") from None
+        raise EdgedError(f"{source}: ONNX shape inference failed ({first_line(exc)})") from None
     shapes: dict[str, tuple[tuple[int, ...], int]] = {}
     graph = inferred.graph
     for value in [*graph.input, *graph.value_info, *graph.output]:
@@ -241,7 +236,7 @@ def _shapes_by_running(model: onnx.ModelProto, names: list[str],
         arrays = session.run(names, feeds)
     except Exception as exc:  # ORT raises private exception types
         raise EdgedError(f"{source}: cannot infer the shape of tensor {names[0]!r} "
-                         f"({_first_line(exc)})") from None
+                         f"({first_line(exc)})") from None
     return {name: (tuple(a.shape), helper.np_dtype_to_tensor_dtype(a.dtype))
             for name, a in zip(names, arrays, strict=True)}
 

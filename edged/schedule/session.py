@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import onnxruntime as ort
 
-from edged.errors import EdgedError
+from edged.errors import EdgedError, first_line
 
 if TYPE_CHECKING:  # the daemon imports this module for its options only: no onnx there
     import numpy as np
@@ -57,11 +57,7 @@ def run_model(model: onnx.ModelProto, feed: dict[str, np.ndarray],
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, feed), strict=True))
     except Exception as exc:  # ORT raises private exception types
-        raise EdgedError(f"ONNX Runtime cannot run the model ({_one_line(exc)})") from None
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise EdgedError(f"ONNX Runtime cannot run the model ({first_line(exc)})") from None
 
 
 def optimize_offline(model: onnx.ModelProto, threads: int | None = None) -> onnx.ModelProto:
@@ -76,7 +72,7 @@ def optimize_offline(model: onnx.ModelProto, threads: int | None = None) -> onnx
             ort.InferenceSession(model.SerializeToString(), options,
                                  providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises private exception types
-            raise EdgedError(f"ONNX Runtime cannot optimize the model ({_one_line(exc)})"
+            raise EdgedError(f"ONNX Runtime cannot optimize the model ({first_line(exc)})"
                              ) from None
         import onnx
 
