@@ -196,3 +196,64 @@ def test_convert_memory_budget_rewrites_the_file(mobilenet: Path, tmp_path: Path
     assert line.startswith("planned for 2.00 MB: ")
     assert f"-> {record['peak_bytes'] / 1e6:.2f} MB" in line
     assert not list(tmp_path.glob(".*planning"))  # written in place, atomically
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 (QDQ) models: planned on the graph ONNX Runtime runs, kernel scratch included
+
+
+@pytest.fixture(scope="module")
+def mobilenet_int8(converted_model) -> Path:
+    return converted_model("mobilenet_v2_imagenet", precision="int8")
+
+
+def test_int8_computed_peak_matches_measured_heap(mobilenet_int8: Path) -> None:
+    done = subprocess.run([sys.executable, str(MEASURE), str(mobilenet_int8), "--config",
+                           "lean-optimized", "--json", "--runs", "3"], capture_output=True,
+                          text=True, check=True)
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    # uint8 tensors plus the integer kernels' scratch: megabytes, far below fp32's 6 MB
+    assert 1e6 < row["computed"] < 4e6, row
+    assert abs(row["run_peak"] - row["computed"]) <= 0.05 * row["computed"], row
+
+
+def test_int8_kernel_scratch_follows_the_cpu_family(mobilenet_int8: Path) -> None:
+    from edged.schedule.memory import kernel_scratch
+    from edged.schedule.session import runtime_graph
+
+    graph = runtime_graph(load_graph(mobilenet_int8))
+    convs = [op for op in graph.ops if op.op_type == "QLinearConv"]
+    stem, depthwise, expand = convs[0], convs[1], convs[3]  # 3->32 s2, dw 32, 1x1 16->96
+    out = {op.name: graph.tensors[op.outputs[0]] for op in convs}
+    pixels = 112 * 112
+    # x86: the stem's 3 input channels miss the direct kernel's alignment: int32 accumulators
+    # and an im2col copy; the depthwise needs one pointer per tap and pixel; 1x1 needs nothing.
+    assert kernel_scratch(graph, stem, arm64=False) == 4 * out[stem.name].nbytes + 27 * pixels
+    assert kernel_scratch(graph, depthwise, arm64=False) == 8 * 9 * pixels
+    assert kernel_scratch(graph, expand, arm64=False) == 0
+    # ARM64 runs pointwise convolutions as a general GEMM with int32 accumulators.
+    assert kernel_scratch(graph, expand, arm64=True) == 4 * out[expand.name].nbytes
+
+
+def test_int8_plan_reorders_and_runs_lean(mobilenet_int8: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGED_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "planned-int8.onnx"
+    done = subprocess.run([sys.executable, "-m", "edged", "plan", str(mobilenet_int8),
+                           "--budget", "3MB", "-o", str(out)], capture_output=True, text=True,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "reorder only" in done.stdout
+    written = onnx.load(str(out))
+    assert any(n.op_type == "DequantizeLinear" for n in written.graph.node)  # portable QDQ
+    record = json.loads({p.key: p.value for p in written.metadata_props}[PLAN_KEY])
+    assert 1e6 < record["peak_bytes"] <= 3e6, record
+    planned = load_model(out)
+    assert planned.session.get_session_options().enable_mem_reuse is False  # lean
+    plain = load_model(mobilenet_int8, memory="default")
+    frame = verify_feed(load_graph(mobilenet_int8))["image"]
+    np.testing.assert_array_equal(planned.run(frame)["logits"], plain.run(frame)["logits"])
+    small = subprocess.run([sys.executable, "-m", "edged", "plan", str(mobilenet_int8),
+                            "--budget", "1MB"], capture_output=True, text=True, cwd=REPO)
+    assert small.returncode == 2
+    assert small.stderr.count("\n") == 1 and "int8 model is only reordered" in small.stderr

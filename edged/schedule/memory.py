@@ -15,16 +15,24 @@ options of ``edged.schedule.session`` (arena, memory pattern and buffer pooling 
 - graph outputs always get a buffer of their own and stay alive to the end;
 - graph inputs belong to the caller: held for the whole run, counted only when
   ``count_inputs`` is set (the measured per-inference heap does not include them);
-- weights (initializers, Constant nodes) are not activations and are not counted.
+- weights (initializers, Constant nodes) are not activations and are not counted;
+- kernel scratch: ONNX Runtime's integer convolution allocates working buffers of its own while
+  it runs (``kernel_scratch``); they count during that op only.
 """
 
 from __future__ import annotations
 
+import ctypes
+import math
+import platform
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+from onnx import helper
+
 from edged.errors import EdgedError
-from edged.schedule.graph import OpGraph
+from edged.schedule.graph import Op, OpGraph
 
 _ACTIVATIONS = ("Relu", "LeakyRelu", "Elu", "Selu", "Sigmoid", "HardSigmoid", "Tanh", "Softplus",
                 "Softmax", "Clip")
@@ -81,6 +89,66 @@ class Simulation:
         return self.steps[self.peak_step].largest
 
 
+ARM64 = platform.machine().lower() in ("aarch64", "arm64")
+
+
+def symmetric_conv(c_in: int, c_out: int, taps: int, depthwise: bool, arm64: bool = ARM64
+                   ) -> bool:
+    """Whether ONNX Runtime's integer convolution takes its direct "symmetric" kernel (int8
+    weights of zero point 0 assumed) on this CPU family: ``MlasConvSymPackWSize`` in its MLAS
+    library. Depthwise: the channel count a multiple of 16 (8 on ARM64). Dense: channel counts
+    aligned to the kernel's blocks, and on ARM64 only for kernels larger than 1x1 over at
+    least 64 input channels (ARM runs pointwise convolutions as a general integer GEMM)."""
+    if depthwise:
+        return c_in % (8 if arm64 else 16) == 0
+    if arm64 and (taps <= 1 or c_in < 64):
+        return False
+    return c_in % (8 if arm64 else 4) == 0 and c_out % (16 if arm64 else 8) == 0 and c_out >= 16
+
+
+def kernel_scratch(graph: OpGraph, op: Op, arm64: bool = ARM64) -> int:
+    """Bytes a kernel allocates for itself while ``op`` runs and frees before it returns.
+
+    Only ONNX Runtime's integer convolution (``QLinearConv``, its qlinearconv.cc) allocates in
+    proportion to its tensors. Its symmetric kernel (``symmetric_conv``) builds an indirection
+    buffer, one pointer per kernel tap and output pixel, for depthwise, strided, padded or
+    larger than 1x1 kernels: 0.9 MB for a 3x3 depthwise at 112x112 on a 64-bit CPU. The general
+    path adds an int32 accumulator per output value (requantized afterwards) and an im2col copy
+    of the input for such kernels; channels-first tensors are transposed into scratch copies.
+    """
+    if op.op_type != "QLinearConv" or op.slot_inputs[0] is None:
+        return 0
+    node = graph.model.graph.node[op.node]
+    weight = graph.weights.get(node.input[3])
+    if weight is None or weight.ndim < 3:
+        return 0  # weights computed at run time: no estimate
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    x, y = graph.tensors[op.slot_inputs[0]], graph.tensors[op.outputs[0]]
+    channels_last = bool(attrs.get("channels_last", 0))
+    pixels = math.prod(y.shape[1:-1] if channels_last else y.shape[2:])
+    taps = math.prod(weight.shape[2:])
+    groups = attrs.get("group", 1)
+    depthwise = weight.shape[1] == 1 and groups == weight.shape[0] > 1
+    direct = (taps == 1 and set(attrs.get("strides", [1])) == {1}
+              and set(attrs.get("pads", [0])) == {0})  # reads its input as it is
+    zero_point = graph.weights.get(node.input[5]) if len(node.input) > 5 else None
+    symmetric = (weight.dtype == np.int8 and (zero_point is None or not np.any(zero_point))
+                 and symmetric_conv(weight.shape[1] * groups, weight.shape[0], taps, depthwise,
+                                    arm64))
+    indirection = ctypes.sizeof(ctypes.c_void_p) * taps * pixels
+    if symmetric:
+        scratch = 0 if direct and not depthwise else indirection
+    else:
+        scratch = 4 * math.prod(y.shape)
+        if depthwise:
+            scratch += indirection
+        elif not direct:
+            scratch += math.prod(weight.shape[1:]) * pixels  # im2col, one byte per value
+    if not channels_last:
+        scratch += x.nbytes + y.nbytes
+    return scratch
+
+
 class MemoryModel:
     """Buffer groups and per-op costs of a graph under ``rules``; simulates orders.
 
@@ -113,6 +181,7 @@ class MemoryModel:
         self.new_groups: list[tuple[str, ...]] = []
         self.in_groups: list[tuple[str, ...]] = []
         self.inplace: list[str | None] = []
+        self.scratch = [kernel_scratch(graph, op) for op in graph.ops]
         for op in graph.ops:
             new = tuple(name for name in op.outputs if self.root[name] == name)
             self.new_groups.append(new)
@@ -138,7 +207,7 @@ class MemoryModel:
         """(bytes alive during op ``i``, bytes alive after it), the ops in ``done`` having run
         with ``live`` bytes alive."""
         after_mask = done | (1 << i)
-        during = live + self.alloc[i]
+        during = live + self.alloc[i] + self.scratch[i]
         group = self.inplace[i]
         if group is not None and self._freeable(group, after_mask):
             during -= self.size[group]

@@ -29,6 +29,7 @@ from edged.schedule.order import OrderResult, best_order
 from edged.schedule.rewrite_segment import label_region
 from edged.schedule.rewrite_split import block_scope, more_pieces, pieces_for, split_regions
 from edged.schedule.rewrite_stripes import stripe_chain, stripe_region
+from edged.schedule.session import is_quantized, runtime_graph
 
 NODE_BYTES = 6 * 1024  # session heap per added node, measured with benchmarks/memory
 MAX_ABS_DIFF = 1e-4  # float outputs of a rewrite against the original
@@ -157,6 +158,8 @@ def plan_for_budget(graph: OpGraph, budget: int, verify_image: str | Path | None
     Stages (``STAGES``) go from no stripes to many; within a stage the block holding the peak
     gets more groups (``more_pieces``) until the peak fits or lies where splitting can't help.
     """
+    if is_quantized(graph):
+        return _reorder_only(graph, budget, time_limit)
     file_peak = MemoryModel(graph).simulate(graph.file_order).peak
     blocks = find_blocks(graph)
     chain = _chain(graph, blocks)
@@ -198,6 +201,23 @@ def plan_for_budget(graph: OpGraph, budget: int, verify_image: str | Path | None
             plan = Plan(stripes, piece_bytes, tuple(sorted(pieces.items())), plan.label_bands)
     raise EdgedError(f"{graph.source}: no plan fits a budget of {budget / 1e6:.2f} MB; the "
                      f"lowest peak reached is {lowest[0] / 1e6:.2f} MB ({lowest[1].describe()})")
+
+
+def _reorder_only(graph: OpGraph, budget: int, time_limit: float
+                  ) -> tuple[Planned, onnx.ModelProto]:
+    """The plan of a QDQ (int8) model: the best order of the graph ONNX Runtime runs, under the
+    lean session. The rewrites are for float models: the pieces of a split projection must be
+    added before requantization, which ONNX Runtime's integer kernels cannot do. The file keeps
+    its QDQ form (portable); the daemon orders the optimized graph on its own CPU."""
+    runtime = runtime_graph(graph)
+    order = best_order(runtime, time_limit=time_limit)
+    if order.peak > budget:
+        raise EdgedError(f"{graph.source}: no plan fits a budget of {budget / 1e6:.2f} MB; an "
+                         "int8 model is only reordered (the rewrites are for float models) and "
+                         f"its lowest peak here is {order.peak / 1e6:.2f} MB")
+    planned = Planned(Plan(), runtime, order, len(runtime))
+    file_peak = MemoryModel(runtime).simulate(runtime.file_order).peak
+    return planned, reordered_model(graph, graph.file_order, planned.record(file_peak, {}))
 
 
 def verify_feed(graph: OpGraph, image: str | Path | None = None) -> dict[str, np.ndarray]:

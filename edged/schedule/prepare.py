@@ -89,9 +89,9 @@ def prepare(path: Path, output: Path, any_model: bool) -> None:
     without a plan: into its best order, if ``any_model``; else only a ``.none`` marker)."""
     import onnx
 
-    from edged.schedule.graph import PLAN_KEY, OpGraph
+    from edged.schedule.graph import PLAN_KEY, OpGraph, reordered_model
     from edged.schedule.order import best_order
-    from edged.schedule.session import optimize_for_lean
+    from edged.schedule.session import is_quantized, optimize_for_lean, runtime_graph
 
     model = onnx.load(str(path))
     planned = any(p.key == PLAN_KEY for p in model.metadata_props)
@@ -99,9 +99,14 @@ def prepare(path: Path, output: Path, any_model: bool) -> None:
         output.with_suffix(".none").touch()
         return
     graph = OpGraph.from_model(model, str(path))
-    order = graph.file_order if planned else best_order(graph, time_limit=2.0).order
+    if is_quantized(graph):  # int8: only reordered, in the graph ORT makes of it here
+        runtime = runtime_graph(graph)
+        lean = reordered_model(runtime, best_order(runtime, time_limit=2.0).order)
+    else:
+        order = graph.file_order if planned else best_order(graph, time_limit=2.0).order
+        lean = optimize_for_lean(graph, order)
     with atomic_file(output) as f:
-        f.write(optimize_for_lean(graph, order).SerializeToString())
+        f.write(lean.SerializeToString())
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from edged.schedule.graph import load_graph, reordered_model
 from edged.schedule.memory import MemoryModel, Simulation
 from edged.schedule.order import OrderResult, best_order
 from edged.schedule.plan import plan_for_budget
+from edged.schedule.session import runtime_graph
 
 _COLORS = {"file order": (160, 110, 40), "best order": (40, 40, 210),
            "planned": (40, 40, 210)}  # BGR
@@ -89,27 +90,30 @@ def run_plan(model: Path, output: Path | None = None, plot: Path | None = None,
     """Plan ``model``: the report text; writes the planned model and the plot if asked. With a
     ``budget`` (bytes) the model is rewritten by the first plan that fits (``plan``)."""
     graph = load_graph(model)
-    memory = MemoryModel(graph)
-    as_is = memory.simulate(graph.file_order)
+    view = runtime_graph(graph)  # an int8 model: the graph ONNX Runtime makes of it here
+    memory = MemoryModel(view)
+    as_is = memory.simulate(view.file_order)
     inputs = _kb(sum(graph.tensors[t].nbytes for t in graph.inputs))
     if budget is not None:
         planned, written = plan_for_budget(graph, budget, verify_image)
         best = MemoryModel(planned.graph).simulate(planned.order.order)
-        added = len(planned.graph) - len(graph)
+        added = len(planned.graph) - len(view)
         summary = (f"{model}: plan for a budget of {budget / 1e6:.2f} MB: "
                    f"{planned.plan.describe()}; peak {as_is.peak / 1e6:.2f} MB -> "
                    f"{best.peak / 1e6:.2f} MB; {len(planned.graph)} ops ({added:+d}, session "
                    f"heap about {planned.session_bytes / 1e6:+.2f} MB); graph inputs (held by "
                    f"the caller, not counted): {inputs} KB")
     else:
-        result = best_order(graph, time_limit=time_limit)
+        result = best_order(view, time_limit=time_limit)
         best = memory.simulate(result.order)
         proof = "proven minimal" if result.exact else f"not proven minimal within {time_limit:g} s"
-        summary = (f"{model}: {len(graph)} ops; peak {_kb(as_is.peak)} KB in file order, "
+        summary = (f"{model}: {len(view)} ops; peak {_kb(as_is.peak)} KB in file order, "
                    f"{_kb(best.peak)} KB in the best order ({result.method}, {proof}; "
                    f"lower bound {_kb(result.lower_bound)} KB); graph inputs (held by the "
                    f"caller, not counted): {inputs} KB")
-        written = reordered_model(graph, result.order, plan_record(result, as_is.peak))
+        # An int8 file keeps its portable QDQ form; the daemon orders ORT's graph on its CPU.
+        order = graph.file_order if view is not graph else result.order
+        written = reordered_model(graph, order, plan_record(result, as_is.peak))
     if output is not None:
         with atomic_file(Path(output)) as f:
             f.write(written.SerializeToString())
