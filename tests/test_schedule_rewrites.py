@@ -223,16 +223,17 @@ def test_int8_kernel_scratch_follows_the_cpu_family(mobilenet_int8: Path) -> Non
 
     graph = runtime_graph(load_graph(mobilenet_int8))
     convs = [op for op in graph.ops if op.op_type == "QLinearConv"]
-    stem, depthwise, expand = convs[0], convs[1], convs[3]  # 3->32 s2, dw 32, 1x1 16->96
+    stem, depthwise, expand = convs[0], convs[1], convs[3]  # 3(+1)->32 s2, dw 32, 1x1 16->96
     out = {op.name: graph.tensors[op.outputs[0]] for op in convs}
     pixels = 112 * 112
-    # x86: the stem's 3 input channels miss the direct kernel's alignment: int32 accumulators
-    # and an im2col copy; the depthwise needs one pointer per tap and pixel; 1x1 needs nothing.
-    assert kernel_scratch(graph, stem, arm64=False) == 4 * out[stem.name].nbytes + 27 * pixels
+    # x86: the direct kernel takes all three (the stem's input has a zero fourth channel): one
+    # pointer per tap and pixel where the kernel is not a plain 1x1, nothing for 1x1.
+    assert kernel_scratch(graph, stem, arm64=False) == 8 * 9 * pixels
     assert kernel_scratch(graph, depthwise, arm64=False) == 8 * 9 * pixels
     assert kernel_scratch(graph, expand, arm64=False) == 0
-    # ARM64 runs pointwise convolutions as a general GEMM with int32 accumulators.
+    # ARM64 runs 1x1 and shallow convolutions as a general GEMM: int32 accumulators (+ im2col).
     assert kernel_scratch(graph, expand, arm64=True) == 4 * out[expand.name].nbytes
+    assert kernel_scratch(graph, stem, arm64=True) == 4 * out[stem.name].nbytes + 36 * pixels
 
 
 def test_int8_plan_reorders_and_runs_lean(mobilenet_int8: Path, tmp_path: Path,
