@@ -8,6 +8,7 @@ error at start-up rather than a broken result later.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -179,8 +180,10 @@ def _input_spec(path: Path, data: Any) -> InputSpec:
     if data.get("layout", "NCHW") != "NCHW" or data.get("color", "RGB") != "RGB":
         raise EdgedError(f"{path}: edged.input must be NCHW RGB, got "
                          f"{data.get('layout')} {data.get('color')}")
-    if len(spec.mean) != 3 or len(spec.std) != 3 or min(spec.std) <= 0:
-        raise EdgedError(f"{path}: edged.input mean/std must be 3 values, std > 0")
+    # JSON's NaN and Infinity parse as floats: they would turn every input into NaN.
+    if (len(spec.mean) != 3 or len(spec.std) != 3 or min(spec.std) <= 0
+            or not all(math.isfinite(v) for v in spec.mean + spec.std)):
+        raise EdgedError(f"{path}: edged.input mean/std must be 3 finite values each, std > 0")
     if spec.width < 1 or spec.height < 1:
         raise EdgedError(f"{path}: edged.input size must be positive")
     return spec

@@ -148,6 +148,10 @@ def test_onnx_without_edged_metadata(tmp_path: Path) -> None:
     ({"input": {"name": "image", "width": 224}}, "edged.input is incomplete or malformed"),
     ({"input": {"name": "image", "width": 224, "height": 224, "mean": [128] * 3,
                 "std": [0, 1, 1]}}, "std > 0"),
+    ({"input": {"name": "image", "width": 224, "height": 224, "mean": [float("nan")] * 3,
+                "std": [128] * 3}}, "mean/std must be 3 finite values"),
+    ({"input": {"name": "image", "width": 224, "height": 224, "mean": [128] * 3,
+                "std": [float("inf"), 1, 1]}}, "mean/std must be 3 finite values"),
     ({"task": "segment"}, "segment model lacks output"),
 ])
 def test_metadata_inconsistent_with_graph(classifier: Path, tmp_path: Path,
