@@ -130,6 +130,38 @@ def rescaled_bias(bias: np.ndarray, scale: np.ndarray, new_scale: np.ndarray) ->
 
 # --- carrying a QAT checkpoint's quantization -------------------------------------------------
 
+def _pairing(codes: np.ndarray, tries: int = 300) -> np.ndarray | None:
+    """An order of the input channels of 1x1 weight ``codes`` (O, I, 1, 1) under which fewer
+    output channels hold an overflowing same-sign pair (``pair_sums``), or None if the given
+    order is as good. Channels over ``WEIGHT_LIMIT`` re-fit anyway and are left out. Largest
+    channels are paired with the smallest first, then random partner swaps that do not make
+    it worse (seeded: conversions are reproducible)."""
+    counted = np.abs(codes).reshape(codes.shape[0], -1).max(axis=1) <= WEIGHT_LIMIT
+    codes = codes[counted]
+
+    def overflowing(order: np.ndarray) -> int:
+        return int((pair_sums(codes[:, order]).max(axis=1) > PAIR_LIMIT).sum())
+
+    n = codes.shape[1]
+    best = overflowing(np.arange(n))
+    if best == 0:
+        return None
+    by_size = np.argsort(-np.abs(codes).max(axis=(0, 2, 3)), kind="stable")
+    order = np.empty(n, np.int64)
+    order[0::2], order[1::2] = by_size[: n // 2], by_size[::-1][: n // 2]
+    found = overflowing(order)
+    rng = np.random.default_rng(0)
+    for _ in range(tries):
+        if found == 0:
+            break
+        p, q = 2 * rng.integers(0, n // 2, 2) + 1
+        swapped = order.copy()
+        swapped[p], swapped[q] = order[q], order[p]
+        if (count := overflowing(swapped)) <= found:
+            order, found = swapped, count
+    return order if found < best else None
+
+
 def _padded_channels(w: np.ndarray, missing: int, order: Sequence[int]) -> np.ndarray:
     """Conv weights ``[out, in, kh, kw]`` with ``missing`` zero input channels appended, then
     the input channels in ``order``."""
@@ -159,6 +191,9 @@ class _Carrier:
         self.channels = 0
         # graph input -> (zero channels appended, channel order after them) (``_stem_pad``)
         self.padded: dict[str, tuple[int, tuple[int, ...]]] = {}
+        # Conv name -> order of its output / input channels (``_private_orders``)
+        self.out_order: dict[str, np.ndarray] = {}
+        self.in_order: dict[str, np.ndarray] = {}
 
     # The TFLite side ------------------------------------------------------------------------
 
@@ -220,6 +255,12 @@ class _Carrier:
             w = _padded_channels(w, *self.padded[node.input[0]])
         channels = w.shape[0]
         scale = np.broadcast_to(weight.scale.astype(np.float64), (channels,)).copy()
+        bias_data = bias.data
+        if node.name in self.in_order:
+            w = w[:, self.in_order[node.name]]
+        if node.name in self.out_order:
+            order = self.out_order[node.name]
+            w, scale, bias_data = w[order], scale[order], bias_data[order]
         codes, new_scale = fit_weights(w, scale, dense=op.type == "CONV_2D")
         w_scale = new_scale.astype(np.float32)
         self.refitted += int((new_scale != scale).sum())
@@ -230,7 +271,7 @@ class _Carrier:
             self._init(f"{name}.weight_q", codes),
             self._init(f"{name}.weight_scale", w_scale),
             self._init(f"{name}.weight_zero", np.zeros(channels, np.int8)), axis=0)
-        bias_q = self._init(f"{name}.bias_q", rescaled_bias(bias.data, scale, new_scale))
+        bias_q = self._init(f"{name}.bias_q", rescaled_bias(bias_data, scale, new_scale))
         bias_dq = self._dequantize(bias_q, self._init(f"{name}.bias_scale",
                                                       np.float32(in_scale) * w_scale),
                                    self._init(f"{name}.bias_zero", np.zeros(channels, np.int32)),
@@ -276,6 +317,7 @@ class _Carrier:
                 users.setdefault(name, []).append(node)
 
         self._stem_pad(convs, users, ops)
+        self._private_orders(convs, users, ops)
         for node in list(nodes):
             if node not in nodes:  # a folded activation
                 continue
@@ -322,6 +364,45 @@ class _Carrier:
                 return int((fitted != scale).sum()), float((fitted / scale).sum())
 
             self.padded[name] = (missing, min((tuple(o) for o in orders), key=refits))
+
+    def _private_orders(self, convs: list[onnx.NodeProto],
+                        users: dict[str, list[onnx.NodeProto]], ops: dict[str, Operator]) -> None:
+        """Reorder the channels private to a bottleneck so fewer projection weights re-fit.
+
+        The channels between an expansion, its depthwise conv and its 1x1 projection are read by
+        nothing else: any order computes the same. x86 kernels add the projection's weights of
+        input channels 2i and 2i+1 in pairs (``pair_sums``); ``_pairing`` picks an order where
+        fewer output channels hold an overflowing pair, so more keep the checkpoint's exact
+        weights (``_weights`` applies the order to all three convs)."""
+        by_output = {n.output[0]: n for n in self.graph.node}
+
+        def only_reader(name: str) -> onnx.NodeProto | None:
+            """The one node reading ``name``, looking through a single activation."""
+            readers = users.get(name, [])
+            if len(readers) == 1 and readers[0].op_type in _ACTIVATIONS:
+                readers = users.get(readers[0].output[0], [])
+            return readers[0] if len(readers) == 1 else None
+
+        conv_names = {n.name for n in convs}
+        for dw in convs:
+            group = next((a.i for a in dw.attribute if a.name == "group"), 1)
+            source = by_output.get(dw.input[0])
+            if source is not None and source.op_type in _ACTIVATIONS:
+                source = by_output.get(source.input[0])
+            project = only_reader(dw.output[0])
+            if (group == 1 or source is None or source.name not in conv_names
+                    or project is None or project.name not in conv_names
+                    or only_reader(source.output[0]) is not dw):
+                continue
+            w = conv_weights(ops[project.name])[0].astype(np.float64)
+            if w.shape[2:] != (1, 1) or w.shape[1] != group or group % 2:
+                continue
+            scale = np.broadcast_to(ops[project.name].inputs[1].scale.astype(np.float64),
+                                    (w.shape[0],))
+            order = _pairing(np.rint(w / scale[:, None, None, None]))
+            if order is not None:
+                self.out_order[source.name] = self.out_order[dw.name] = order
+                self.in_order[project.name] = order
 
     def _pass_on(self, node: onnx.NodeProto) -> None:
         """Map an Add / pool / concat / broadcast to the TFLite op doing the same on the same
