@@ -23,6 +23,7 @@ from models.convert import convert_catalog_model
 from models.quantize import (
     LABEL_STEP,
     PAIR_LIMIT,
+    _pairing,
     carry_quantization,
     check_int8,
     coarse_labels,
@@ -85,6 +86,18 @@ def test_deeplab_int8_keeps_the_pixels(converted_model, frames):
     assert model.info.task == "segment"
     labels = model.run(Preprocessor(model.info.input)(frames[0][1])[0])["labels"]
     assert labels.shape == (1, 513, 513) and labels.dtype == np.int64  # the full-size contract
+
+
+def test_pairing_orders_channels_so_no_pair_overflows():
+    # Channels 0 and 1 are large and positive in every row: paired, each row overflows.
+    rng = np.random.default_rng(3)
+    codes = rng.integers(-20, 20, size=(16, 8, 1, 1)).astype(np.float64)
+    codes[:, :2] = 100
+    assert (pair_sums(codes).max(axis=1) > PAIR_LIMIT).all()
+    order = _pairing(codes)
+    assert sorted(order) == list(range(8))  # a permutation of the input channels
+    assert (pair_sums(codes[:, order]).max(axis=1) <= PAIR_LIMIT).all()
+    assert _pairing(codes[:, order]) is None  # nothing left to gain
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v2_imagenet", "ssd_mobilenet_v2_coco"])
