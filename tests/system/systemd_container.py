@@ -14,6 +14,7 @@ A container boots that root read-only under an overlay (its writes go to a scrat
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib.metadata
 import json
@@ -477,6 +478,44 @@ def bikes_jpegs(clip: Path, count: int, stride: int = 5) -> list[bytes]:
     return frames
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (a zombie's cmdline is empty)."""
+    try:
+        return bool(Path(f"/proc/{pid}/cmdline").read_bytes())
+    except OSError:
+        return False
+
+
+def remove_stale_containers(grace: float = 15.0) -> None:
+    """Stop and remove the containers an interrupted run left in the cache (their nspawn
+    stopped, the overlay unmounted, the scratch folder deleted). Safe while ``device_root``
+    holds the cache lock: no other run owns them. A stale container once made the next run's
+    watchdog test fail (its SIGSTOP to the unit ended in an I/O error)."""
+    for scratch in CACHE.glob("nspawn-*"):
+        merged = str(scratch / "merged").encode()
+        pids = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                argv = cmdline.read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv[0].endswith(b"systemd-nspawn") and merged in argv:
+                pids.append(int(cmdline.parent.name))
+        for pid in pids:  # nspawn turns SIGTERM into an orderly shutdown
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while any(_running(pid) for pid in pids):
+            if time.monotonic() > deadline:
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                break
+            time.sleep(0.2)
+        subprocess.run(["umount", "-l", merged], check=False, capture_output=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def systemd_container(device_root: DeviceRoot, converted_model: Callable[..., Path],
                       bikes_clip: Path) -> Iterator[Container]:
@@ -484,6 +523,7 @@ def systemd_container(device_root: DeviceRoot, converted_model: Callable[..., Pa
     camera (MJPEG of bikes.mp4 on 127.0.0.1:8554), mosquitto and a recorder of its messages;
     the SSD COCO model at /opt/edged-test/."""
     started = time.monotonic()
+    remove_stale_containers()
     scratch = Path(tempfile.mkdtemp(prefix="nspawn-", dir=CACHE))
     overlay = Overlay(device_root.path, scratch)
     container = None
