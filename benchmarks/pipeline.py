@@ -69,23 +69,37 @@ def load(model_path: str, clip: str, threads: int) -> tuple[Any, np.ndarray]:
     capture = cv2.VideoCapture(clip)
     ok, image = capture.read()
     capture.release()
-    assert ok, f"cannot read {clip}"
+    if not ok:
+        sys.exit(f"benchmarks/pipeline.py: {clip}: not a readable video file")
     tensor, _ = Preprocessor(model.info.input)(image)
     for _ in range(5):  # warm-up
         model.run(tensor)
     return model, tensor
 
 
-def make_pipeline(model: Any, model_path: str, clip: str, threads: int) -> tuple[Any, LatencySink]:
+def make_pipeline(model: Any, model_path: str, clip: str, threads: int,
+                  loop: bool) -> tuple[Any, LatencySink]:
     """A daemon pipeline on ``clip`` (every frame, as fast as consumed) with a latency sink."""
     from edged.config import parse_config
     from edged.pipeline import Pipeline
 
     config = parse_config({"device": "bench", "stdout": True, "streams": [{
         "name": "bikes", "task": "detect", "model": model_path, "threads": threads,
-        "source": {"uri": clip, "realtime": False, "loop": True}}]}).streams[0]
+        "source": {"uri": clip, "realtime": False, "loop": loop}}]}).streams[0]
     sink = LatencySink()
     return Pipeline(config, model, [sink], "bench"), sink
+
+
+def wait_for_frames(pipeline: Any, count: int, timeout: float = 30.0) -> None:
+    """Wait until ``pipeline`` has processed ``count`` frames; exit with its source's state if
+    it does not within ``timeout`` (an unreadable clip is retried forever, as a camera is)."""
+    deadline = time.monotonic() + timeout
+    while pipeline.processed < count:
+        if time.monotonic() > deadline:
+            pipeline.stop()
+            sys.exit(f"benchmarks/pipeline.py: no frames from {pipeline.config.source.uri} "
+                     f"({pipeline.source_state}: {pipeline.source_detail})")
+        time.sleep(0.001)
 
 
 def run_bare(model_path: str, clip: str, threads: int) -> dict[str, Any]:
@@ -102,10 +116,10 @@ def run_bare(model_path: str, clip: str, threads: int) -> dict[str, Any]:
 def run_pipeline(model_path: str, clip: str, threads: int) -> dict[str, Any]:
     """The pipeline over the whole clip once: capture-to-publish latency and peak RSS."""
     model, _ = load(model_path, clip, threads)
-    pipeline, sink = make_pipeline(model, model_path, clip, threads)
-    frames = int(cv2.VideoCapture(clip).get(cv2.CAP_PROP_FRAME_COUNT))
+    pipeline, sink = make_pipeline(model, model_path, clip, threads, loop=False)
     pipeline.start()
-    while pipeline.processed < frames:
+    wait_for_frames(pipeline, 1)
+    while not pipeline.finished:
         time.sleep(0.005)
     pipeline.stop()
     latency = np.array(sink.latencies_ms)
@@ -119,10 +133,9 @@ def run_interleaved(model_path: str, clip: str, threads: int, blocks: int,
     model, tensor = load(model_path, clip, threads)
     bare, pipe = [], []
     for block in range(blocks):
-        pipeline, _ = make_pipeline(model, model_path, clip, threads)
+        pipeline, _ = make_pipeline(model, model_path, clip, threads, loop=True)
         pipeline.start()
-        while pipeline.processed < 3:  # source opened, first frames through
-            time.sleep(0.001)
+        wait_for_frames(pipeline, 3)  # source opened, first frames through
         first, start = pipeline.processed, time.perf_counter()
         time.sleep(seconds)
         pipe.append((pipeline.processed - first) / (time.perf_counter() - start))
@@ -142,7 +155,9 @@ def child(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", mode, "--model", args.model, "--clip",
            str(args.clip), "--threads", str(args.threads), "--blocks", str(args.blocks),
            "--block-seconds", str(args.block_seconds)]
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    if done.returncode != 0:  # the child said why on stderr
+        sys.exit(done.returncode)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

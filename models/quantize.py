@@ -17,6 +17,7 @@ Two ways to an int8 model, both starting from the verified float export:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -162,6 +163,14 @@ def _pairing(codes: np.ndarray, tries: int = 300) -> np.ndarray | None:
     return order if found < best else None
 
 
+def _stem_refits(w: np.ndarray, scale: np.ndarray, missing: int, order: Sequence[int]
+                 ) -> tuple[int, float]:
+    """How many output channels (and how much scale) re-fit with the stem's input channels
+    padded by ``missing`` and put in ``order`` (``_Carrier._stem_pad`` takes the least)."""
+    fitted = fit_weights(_padded_channels(w, missing, order), scale.copy(), dense=True)[1]
+    return int((fitted != scale).sum()), float((fitted / scale).sum())
+
+
 def _padded_channels(w: np.ndarray, missing: int, order: Sequence[int]) -> np.ndarray:
     """Conv weights ``[out, in, kh, kw]`` with ``missing`` zero input channels appended, then
     the input channels in ``order``."""
@@ -189,11 +198,12 @@ class _Carrier:
         self.pending: list[onnx.NodeProto] = []  # weight / bias DequantizeLinear nodes
         self.refitted = 0
         self.channels = 0
-        # graph input -> (zero channels appended, channel order after them) (``_stem_pad``)
-        self.padded: dict[str, tuple[int, tuple[int, ...]]] = {}
-        # Conv name -> order of its output / input channels (``_private_orders``)
+        # Conv name -> (zero input channels appended, input channel order after them), and the
+        # same for a graph input padded to match (``_stem_pad``, ``_private_orders``)
+        self.in_channels: dict[str, tuple[int, Sequence[int]]] = {}
+        self.padded: dict[str, tuple[int, Sequence[int]]] = {}
+        # Conv name -> order of its output channels (``_private_orders``)
         self.out_order: dict[str, np.ndarray] = {}
-        self.in_order: dict[str, np.ndarray] = {}
 
     # The TFLite side ------------------------------------------------------------------------
 
@@ -251,13 +261,11 @@ class _Carrier:
         checkpoint's values fit."""
         weight, bias = op.inputs[1], op.inputs[2]
         w = conv_weights(op)[0].astype(np.float64)
-        if node.input[0] in self.padded:
-            w = _padded_channels(w, *self.padded[node.input[0]])
+        if node.name in self.in_channels:
+            w = _padded_channels(w, *self.in_channels[node.name])
         channels = w.shape[0]
         scale = np.broadcast_to(weight.scale.astype(np.float64), (channels,)).copy()
         bias_data = bias.data
-        if node.name in self.in_order:
-            w = w[:, self.in_order[node.name]]
         if node.name in self.out_order:
             order = self.out_order[node.name]
             w, scale, bias_data = w[order], scale[order], bias_data[order]
@@ -357,13 +365,9 @@ class _Carrier:
             total = w.shape[1] + missing
             orders = itertools.permutations(range(total)) if total <= 4 else [range(total)]
 
-            def refits(order: tuple[int, ...], w: np.ndarray = w, scale: np.ndarray = scale,
-                       missing: int = missing) -> tuple[int, float]:
-                fitted = fit_weights(_padded_channels(w, missing, order), scale.copy(),
-                                     dense=True)[1]
-                return int((fitted != scale).sum()), float((fitted / scale).sum())
-
-            self.padded[name] = (missing, min((tuple(o) for o in orders), key=refits))
+            best = min((tuple(o) for o in orders),
+                       key=functools.partial(_stem_refits, w, scale, missing))
+            self.padded[name] = self.in_channels[node.name] = (missing, best)
 
     def _private_orders(self, convs: list[onnx.NodeProto],
                         users: dict[str, list[onnx.NodeProto]], ops: dict[str, Operator]) -> None:
@@ -402,7 +406,7 @@ class _Carrier:
             order = _pairing(np.rint(w / scale[:, None, None, None]))
             if order is not None:
                 self.out_order[source.name] = self.out_order[dw.name] = order
-                self.in_order[project.name] = order
+                self.in_channels[project.name] = (0, order)
 
     def _pass_on(self, node: onnx.NodeProto) -> None:
         """Map an Add / pool / concat / broadcast to the TFLite op doing the same on the same

@@ -16,6 +16,7 @@ target machine.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections.abc import Sequence
@@ -113,6 +114,7 @@ def is_quantized(graph: OpGraph) -> bool:
     return any(op.op_type in ("QuantizeLinear", "DequantizeLinear") for op in graph.ops)
 
 
+@functools.lru_cache(maxsize=4)  # ``edged plan`` asks for it more than once per graph
 def runtime_graph(graph: OpGraph) -> OpGraph:
     """The graph whose memory a plan is about: ``graph`` itself, or for a QDQ (int8) model the
     graph ONNX Runtime's optimizer makes of it on this machine. Its QuantizeLinear /
