@@ -144,19 +144,26 @@ def agreement_report(fp32: str | os.PathLike[str], int8: str | os.PathLike[str],
                      frames: Sequence[Frame], threads: int | None = None) -> dict[str, Any]:
     """Compare model ``int8`` with ``fp32`` on ``frames``; a JSON-ready report with a one-line
     ``summary``."""
+    return compare_models(load_model(fp32, threads), load_model(int8, threads), frames)
+
+
+def compare_models(reference: Model, candidate: Model, frames: Sequence[Frame],
+                   reference_name: str = "fp32") -> dict[str, Any]:
+    """``agreement_report`` of two loaded models: ``candidate`` measured against
+    ``reference``, called ``reference_name`` in the report's lines."""
     if not frames:
         raise EdgedError("the agreement report needs at least one frame")
-    reference, candidate = load_model(fp32, threads), load_model(int8, threads)
     info = reference.info
     if candidate.info.task != info.task or candidate.info.labels != info.labels:
-        raise EdgedError(f"{int8}: not the same task and labels as {fp32}")
+        raise EdgedError(f"{candidate.info.path}: not the same task and labels as {info.path}")
     names = [name for name, _ in frames]
     pairs = zip(_outputs(reference, frames), _outputs(candidate, frames), strict=True)
     report: dict[str, Any] = {"task": info.task, "frames": len(frames)}
     if info.task == "classify":
         agree = decided = decided_agree = 0
-        changes, flips = [], []
+        changes, flips, squares = [], [], []
         for name, ((a, _), (b, _)) in zip(names, pairs, strict=True):
+            squares.append(float(np.mean((a["logits"] - b["logits"]) ** 2)))
             pa, pb = softmax(a["logits"].reshape(-1)), softmax(b["logits"].reshape(-1))
             first, second = np.argsort(pa)[::-1][:2]
             same = int(first) == int(np.argmax(pb))
@@ -167,12 +174,14 @@ def agreement_report(fp32: str | os.PathLike[str], int8: str | os.PathLike[str],
             changes.append(float(np.abs(pa - pb).max()))
             if not same:
                 flips.append(f"{name}: {info.labels[first]} -> {info.labels[int(np.argmax(pb))]} "
-                             f"(fp32 top two {pa[first]:.3f} / {pa[second]:.3f})")
+                             f"({reference_name} top two {pa[first]:.3f} / {pa[second]:.3f})")
         report.update(top1_agree=agree, decided_frames=decided, decided_agree=decided_agree,
-                      max_probability_change=round(max(changes), 4), disagreements=flips)
+                      max_probability_change=round(max(changes), 4),
+                      rms_logit_change=round(float(np.sqrt(np.mean(squares))), 4),
+                      disagreements=flips)
         report["summary"] = (f"top-1 agreement {agree}/{len(frames)} ({decided_agree}/{decided} "
-                             f"where fp32's top two are >= {TIE_MARGIN} apart), max probability "
-                             f"change {max(changes):.3f}")
+                             f"where {reference_name}'s top two are >= {TIE_MARGIN} apart), max "
+                             f"probability change {max(changes):.3f}")
     elif info.task == "detect":
         post_a = Postprocessor(info, PostprocessOptions(threshold=DETECT_THRESHOLD))
         post_b = Postprocessor(candidate.info, PostprocessOptions(threshold=DETECT_THRESHOLD))

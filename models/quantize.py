@@ -163,6 +163,11 @@ def _pairing(codes: np.ndarray, tries: int = 300) -> np.ndarray | None:
     return order if found < best else None
 
 
+def _group(node: onnx.NodeProto) -> int:
+    """A Conv's ``group`` attribute (1: dense)."""
+    return next((a.i for a in node.attribute if a.name == "group"), 1)
+
+
 def _stem_refits(w: np.ndarray, scale: np.ndarray, missing: int, order: Sequence[int]
                  ) -> tuple[int, float]:
     """How many output channels (and how much scale) re-fit with the stem's input channels
@@ -180,8 +185,9 @@ def _padded_channels(w: np.ndarray, missing: int, order: Sequence[int]) -> np.nd
 class _Carrier:
     """Rewrites a float graph into QDQ with the parameters of the TFLite checkpoint ``tfl``."""
 
-    def __init__(self, model: onnx.ModelProto, tfl: TFLiteModel) -> None:
+    def __init__(self, model: onnx.ModelProto, tfl: TFLiteModel, exact: bool = False) -> None:
         self.model = model
+        self.exact = exact  # the checkpoint's weights as they are (see carry_quantization)
         self.graph = model.graph
         self.tfl = tfl
         self.inits = {t.name: t for t in self.graph.initializer}
@@ -269,7 +275,10 @@ class _Carrier:
         if node.name in self.out_order:
             order = self.out_order[node.name]
             w, scale, bias_data = w[order], scale[order], bias_data[order]
-        codes, new_scale = fit_weights(w, scale, dense=op.type == "CONV_2D")
+        if self.exact:
+            codes, new_scale = np.rint(w / scale[:, None, None, None]).astype(np.int32), scale
+        else:
+            codes, new_scale = fit_weights(w, scale, dense=op.type == "CONV_2D")
         w_scale = new_scale.astype(np.float32)
         self.refitted += int((new_scale != scale).sum())
         self.channels += channels
@@ -278,7 +287,7 @@ class _Carrier:
         node.input[1] = self._dequantize(
             self._init(f"{name}.weight_q", codes),
             self._init(f"{name}.weight_scale", w_scale),
-            self._init(f"{name}.weight_zero", np.zeros(channels, np.int8)), axis=0)
+            self._init(f"{name}.weight_zero", np.zeros(channels, codes.dtype)), axis=0)
         bias_q = self._init(f"{name}.bias_q", rescaled_bias(bias_data, scale, new_scale))
         bias_dq = self._dequantize(bias_q, self._init(f"{name}.bias_scale",
                                                       np.float32(in_scale) * w_scale),
@@ -324,8 +333,9 @@ class _Carrier:
             for name in node.input:
                 users.setdefault(name, []).append(node)
 
-        self._stem_pad(convs, users, ops)
-        self._private_orders(convs, users, ops)
+        if not self.exact:
+            self._stem_pad(convs, users, ops)
+            self._private_orders(convs, users, ops)
         for node in list(nodes):
             if node not in nodes:  # a folded activation
                 continue
@@ -355,7 +365,7 @@ class _Carrier:
         inputs = {i.name for i in self.graph.input}
         for node in convs:
             name = node.input[0]
-            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            group = _group(node)
             op = ops[node.name]
             w = conv_weights(op)[0].astype(np.float64)
             missing = -w.shape[1] % 4
@@ -389,7 +399,7 @@ class _Carrier:
 
         conv_names = {n.name for n in convs}
         for dw in convs:
-            group = next((a.i for a in dw.attribute if a.name == "group"), 1)
+            group = _group(dw)
             source = by_output.get(dw.input[0])
             if source is not None and source.op_type in _ACTIVATIONS:
                 source = by_output.get(source.input[0])
@@ -522,10 +532,15 @@ def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray:
     raise EdgedError(f"{name}: not a constant of the graph")
 
 
-def carry_quantization(model: onnx.ModelProto, checkpoint: str | os.PathLike[str]
-                       ) -> tuple[onnx.ModelProto, dict[str, Any]]:
+def carry_quantization(model: onnx.ModelProto, checkpoint: str | os.PathLike[str],
+                       exact: bool = False) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The QDQ version of ``model`` (a float edged export of ``checkpoint``, changed in place)
-    using the checkpoint's trained quantization; also what was carried."""
+    using the checkpoint's trained quantization; also what was carried.
+
+    ``exact`` builds the yardstick for conversions instead of a model to deploy: the
+    checkpoint's weights exactly as trained (``q - z`` as int32, nothing re-fitted, padded or
+    reordered). ONNX Runtime has no integer kernel for int32 weights: run it unoptimized
+    (``ORT_DISABLE_ALL``), in float arithmetic on the exact integer values."""
     path = Path(checkpoint)
     try:
         tfl = TFLiteModel(path)
@@ -533,7 +548,7 @@ def carry_quantization(model: onnx.ModelProto, checkpoint: str | os.PathLike[str
         raise EdgedError(f"{path}: not a quantized TFLite checkpoint, so it has no trained "
                          "quantization to carry (calibrate instead: --calibration CLIP|DIR)"
                          ) from None
-    carrier = _Carrier(model, tfl)
+    carrier = _Carrier(model, tfl, exact)
     carrier.run()
     carried: dict[str, Any] = {"quantized_tensors": len(carrier.mapped),
                                "weight_channels": carrier.channels,
@@ -600,8 +615,7 @@ def fit_qlinear_weights(model: onnx.ModelProto) -> int:
     inits = {t.name: t for t in model.graph.initializer}
     refitted = 0
     for node in model.graph.node:
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        if node.op_type != "QLinearConv" or group != 1:
+        if node.op_type != "QLinearConv" or _group(node) != 1:
             continue
         # inputs: x, x_scale, x_zero, w, w_scale, w_zero, y_scale, y_zero[, bias]
         codes = numpy_helper.to_array(inits[node.input[3]])

