@@ -224,7 +224,8 @@ def main() -> None:
     pipe = child("pipeline", args)
     share = pipe_fps / bare_fps
     median = float(np.median(share))
-    print(f"SSD-MobileNetV2 on {args.clip.name}, {args.threads} threads, {os.cpu_count()} "
+    threads = f"{args.threads} thread{'s' * (args.threads != 1)}"
+    print(f"SSD-MobileNetV2 on {args.clip.name}, {threads}, {os.cpu_count()} "
           f"cores, {args.blocks} alternating pairs of {args.block_seconds:g} s")
     print(f"{'':28}{'bare session.run':>18}{'full pipeline':>16}")
     print(f"{'frames/s (median)':28}{np.median(bare_fps):>18.1f}{np.median(pipe_fps):>16.1f}")
@@ -242,7 +243,7 @@ def main() -> None:
           f"{1000 / np.median(bare_fps):.1f} ms of inference; >= {TARGET * 100:.0f} % from "
           f"{extra_ms * TARGET / (1 - TARGET):.1f} ms of inference per frame")
     plot({"bare": float(np.median(bare_fps)), "pipeline": float(np.median(pipe_fps))},
-         args.plot, f"SSD on {args.clip.name}, {args.threads} threads: pipeline "
+         args.plot, f"SSD on {args.clip.name}, {threads}: pipeline "
          f"{median * 100:.0f} % of bare")
     print(f"plot: {args.plot}")
 
