@@ -22,7 +22,7 @@ import itertools
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,10 @@ _PASS_ON = {
 _ACTIVATIONS = frozenset({"Relu", "Clip"})
 # Float ops that must not survive ONNX Runtime's optimizations in an int8 model.
 FLOAT_OPS = frozenset({"Conv", "FusedConv", "Add", "Sum"})
+# What calibration quantizes. Clip (ReLU6) and Relu must be among them: the quantizer then folds
+# them into the producer's output range; left float, each costs a dequantize-quantize round trip
+# (SSDLite person: int8 as slow as fp32, peak 10.5 MB instead of 4.4).
+QUANTIZED_OPS = ["Conv", "Add", "GlobalAveragePool", "Clip", "Relu"]
 
 
 
@@ -166,6 +170,37 @@ def _pairing(codes: np.ndarray, tries: int = 300) -> np.ndarray | None:
 def _group(node: onnx.NodeProto) -> int:
     """A Conv's ``group`` attribute (1: dense)."""
     return next((a.i for a in node.attribute if a.name == "group"), 1)
+
+
+def _stem_order(w: np.ndarray, scale: np.ndarray) -> tuple[int, tuple[int, ...]] | None:
+    """For a dense conv's float weights ``w`` (O, I, kH, kW) at per-channel ``scale``: how many
+    zero input channels make I a multiple of 4 and the channel order that leaves the fewest
+    weights to re-fit (``_stem_refits``); None when I already is one."""
+    missing = -w.shape[1] % 4
+    if not missing:
+        return None
+    total = w.shape[1] + missing
+    orders = itertools.permutations(range(total)) if total <= 4 else [range(total)]
+    best = min((tuple(o) for o in orders),
+               key=functools.partial(_stem_refits, w, scale, missing))
+    return missing, best
+
+
+def _channel_pad_nodes(q: str, base: str, missing: int, order: Sequence[int], zero: str,
+                       init: Callable[[str, np.ndarray], str]
+                       ) -> tuple[list[onnx.NodeProto], str]:
+    """Nodes appending ``missing`` channels of code ``zero`` (value 0) to the quantized NCHW
+    tensor ``q`` and putting its channels in ``order``, and their output; ``init(name, array)``
+    adds their constants (named after ``base``)."""
+    pads = init(f"{base}.channel_pads", np.array([0, 0, 0, 0, 0, missing, 0, 0], np.int64))
+    out = f"{q}_padded"
+    nodes = [helper.make_node("Pad", [q, pads, zero], [out], name=out)]
+    if list(order) != sorted(order):
+        indices = init(f"{base}.channel_order", np.array(order, np.int64))
+        nodes.append(helper.make_node("Gather", [out, indices], [f"{out}_ordered"],
+                                      name=f"{out}_ordered", axis=1))
+        out = f"{out}_ordered"
+    return nodes, out
 
 
 def _stem_refits(w: np.ndarray, scale: np.ndarray, missing: int, order: Sequence[int]
@@ -367,17 +402,13 @@ class _Carrier:
             name = node.input[0]
             group = _group(node)
             op = ops[node.name]
-            w = conv_weights(op)[0].astype(np.float64)
-            missing = -w.shape[1] % 4
-            if name not in inputs or users.get(name) != [node] or group != 1 or not missing:
+            if name not in inputs or users.get(name) != [node] or group != 1:
                 continue
+            w = conv_weights(op)[0].astype(np.float64)
             scale = np.broadcast_to(op.inputs[1].scale.astype(np.float64), (w.shape[0],))
-            total = w.shape[1] + missing
-            orders = itertools.permutations(range(total)) if total <= 4 else [range(total)]
-
-            best = min((tuple(o) for o in orders),
-                       key=functools.partial(_stem_refits, w, scale, missing))
-            self.padded[name] = self.in_channels[node.name] = (missing, best)
+            padding = _stem_order(w, scale)
+            if padding is not None:
+                self.padded[name] = self.in_channels[node.name] = padding
 
     def _private_orders(self, convs: list[onnx.NodeProto],
                         users: dict[str, list[onnx.NodeProto]], ops: dict[str, Operator]) -> None:
@@ -449,17 +480,8 @@ class _Carrier:
                                           name=f"{name}_q")]
             q = f"{name}_q"
             if name in self.padded:  # NCHW: zero channels appended on axis 1, then ordered
-                missing, order = self.padded[name]
-                pads = self._init(f"{name}.channel_pads",
-                                  np.array([0, 0, 0, 0, 0, missing, 0, 0], np.int64))
-                quantized.append(helper.make_node("Pad", [q, pads, zero], [f"{q}_padded"],
-                                                  name=f"{q}_padded"))
-                q = f"{q}_padded"
-                if list(order) != sorted(order):
-                    indices = self._init(f"{name}.channel_order", np.array(order, np.int64))
-                    quantized.append(helper.make_node("Gather", [q, indices], [f"{q}_ordered"],
-                                                      name=f"{q}_ordered", axis=1))
-                    q = f"{q}_ordered"
+                nodes, q = _channel_pad_nodes(q, name, *self.padded[name], zero, self._init)
+                quantized += nodes
             return quantized + [helper.make_node("DequantizeLinear", [q, scale, zero],
                                                  [f"{name}_dq"], name=f"{name}_dq")]
 
@@ -596,17 +618,66 @@ def calibrate(float_path: str | os.PathLike[str], frames: Sequence[Frame]
                 quantize_static(str(float_path), str(out), _Frames(frames, spec),
                             quant_format=QuantFormat.QOperator, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            op_types_to_quantize=["Conv", "Add", "GlobalAveragePool"],
+                            op_types_to_quantize=QUANTIZED_OPS,
                             calibrate_method=CalibrationMethod.MinMax,
                             extra_options={"WeightSymmetric": True})
         finally:
             root.setLevel(level)
         model = onnx.load(str(out))
+    pad_calibrated_stem(model)
     refitted = fit_qlinear_weights(model)
     source = onnx.load(str(float_path), load_external_data=False)
     del model.metadata_props[:]
     model.metadata_props.extend(source.metadata_props)
     return model, refitted
+
+
+def pad_calibrated_stem(model: onnx.ModelProto) -> bool:
+    """Give a calibrated model's stem (a QLinearConv reading the quantized graph input) zero
+    input channels up to a multiple of 4, as carried models get (``_Carrier._stem_pad``: ONNX
+    Runtime's direct int8 convolution, no int32 accumulator + im2col); True if it did."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    inputs = {i.name for i in graph.input}
+    by_output = {n.output[0]: n for n in graph.node}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    def is_stem(node: onnx.NodeProto) -> bool:
+        if node.op_type != "QLinearConv" or _group(node) != 1:
+            return False
+        source = by_output.get(node.input[0])
+        return (source is not None and source.op_type == "QuantizeLinear"
+                and source.input[0] in inputs and readers[node.input[0]] == [node])
+
+    index = next((i for i, node in enumerate(graph.node) if is_stem(node)), None)
+    if index is None:
+        return False
+    stem = graph.node[index]
+    # inputs: x, x_scale, x_zero, w, w_scale, w_zero, y_scale, y_zero[, bias]
+    codes = numpy_helper.to_array(inits[stem.input[3]])
+    scale = np.broadcast_to(numpy_helper.to_array(inits[stem.input[4]]).astype(np.float64),
+                            (codes.shape[0],))
+    padding = _stem_order(codes * scale[:, None, None, None], scale)
+    if padding is None:
+        return False
+    added: list[onnx.TensorProto] = []
+
+    def init(name: str, array: np.ndarray) -> str:
+        added.append(numpy_helper.from_array(array, name))
+        return name
+
+    pad_nodes, stem.input[0] = _channel_pad_nodes(stem.input[0], stem.input[0], *padding,
+                                                  stem.input[2], init)
+    inits[stem.input[3]].CopyFrom(numpy_helper.from_array(_padded_channels(codes, *padding),
+                                                          stem.input[3]))
+    graph.initializer.extend(added)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes[:index] + pad_nodes + nodes[index:])
+    return True
 
 
 def fit_qlinear_weights(model: onnx.ModelProto) -> int:
@@ -639,17 +710,29 @@ def fit_qlinear_weights(model: onnx.ModelProto) -> int:
 # --- checking and writing ----------------------------------------------------------------------
 
 def check_int8(model: onnx.ModelProto, where: str) -> dict[str, int]:
-    """Optimize ``model`` as the daemon's sessions do (ORT_ENABLE_ALL) and fail unless no float
-    Conv / Add is left. Returns the optimized graph's op counts."""
+    """Optimize ``model`` as the daemon's sessions do (ORT_ENABLE_ALL) and fail if a float
+    Conv / Add is left or a tensor goes back to float only to be quantized again. Returns the
+    optimized graph's op counts."""
     graph = optimize_offline(model).graph
     counts: dict[str, int] = {}
+    users: dict[str, set[str]] = {}
     for node in graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        for name in node.input:
+            users.setdefault(name, set()).add(node.op_type)
     left = [node for node in graph.node if node.op_type in FLOAT_OPS]
     if left:
         kinds = sorted({n.op_type for n in left})
         raise EdgedError(f"{where}: {len(left)} float {'/'.join(kinds)} node(s) left after ONNX "
                          f"Runtime's optimizations (first: {left[0].name}): not an int8 model")
+    # An op left in float between integer ones (a ReLU6 the quantizer did not fold, say) shows
+    # as DequantizeLinear -> QuantizeLinear: a float tensor 4x the size, two conversions.
+    trips = [node for node in graph.node if node.op_type == "DequantizeLinear"
+             and users.get(node.output[0]) == {"QuantizeLinear"}]
+    if trips:
+        raise EdgedError(f"{where}: {len(trips)} float round trip(s) (DequantizeLinear -> "
+                         "QuantizeLinear) left between integer ops after ONNX Runtime's "
+                         f"optimizations (first: {trips[0].name})")
     return counts
 
 

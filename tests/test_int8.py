@@ -213,7 +213,9 @@ def test_float_checkpoint_calibrated_on_clip_frames(converted_model, weights_dir
     precision = _metadata(out)["edged.precision"]
     assert precision["method"] == "calibrated" and precision["calibration"]["frames"] == 9
     assert precision["refitted_channels"] > 0
-    check_int8(onnx.load(str(out)), str(out))
+    check_int8(onnx.load(str(out)), str(out))  # no float Conv / Add, no float round trip
+    stem = next(n for n in onnx.load(str(out)).graph.node if n.op_type == "QLinearConv")
+    assert stem.input[0].endswith("_padded") or stem.input[0].endswith("_ordered")  # 4 channels
     _assert_never_saturates(out, photo_frames()[:2])
     # Still a person detector: the astronaut is found with high confidence.
     model = load_model(out)
@@ -222,6 +224,24 @@ def test_float_checkpoint_calibrated_on_clip_frames(converted_model, weights_dir
     found = Postprocessor(model.info, PostprocessOptions(threshold=0.5))(model.run(tensor), roi)
     assert [d.label for d in found.detections][:1] == ["person"]
     assert found.detections[0].score > 0.7
+
+
+def test_a_float_round_trip_between_integer_ops_fails_the_conversion(
+        converted_model, weights_dir, bikes_clip, tmp_path, monkeypatch):
+    # What calibration gave before ReLU6 was among the quantized ops: a dequantize-quantize
+    # round trip at every activation (as slow as fp32, 2.4x the memory). The check must refuse it.
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for name, image in clip_frames(bikes_clip, [100]):
+        cv2.imwrite(str(folder / f"{name.replace('#', '_')}.png"), image)
+    monkeypatch.setattr("models.quantize.QUANTIZED_OPS", ["Conv", "Add", "GlobalAveragePool"])
+    out = tmp_path / "person-int8.onnx"
+    with pytest.raises(EdgedError, match=r"float round trip\(s\) \(DequantizeLinear -> "
+                                         r"QuantizeLinear\) left") as exc:
+        quantize_model(converted_model("ssdlite_mobilenet_v2_person"), out,
+                       checkpoint=weights_dir / SSDLITE_GRAPHDEF,
+                       checkpoint_format="tf_graphdef", calibration=folder)
+    assert "\n" not in str(exc.value) and not out.exists()
 
 
 def test_int8_of_a_float_checkpoint_without_calibration_is_one_line(weights_dir, tmp_path):
