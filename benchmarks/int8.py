@@ -22,6 +22,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -100,14 +101,28 @@ def convert(name: str, directory: Path, weights: Path, precision: str) -> Path:
     return path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The int8 benchmarks' common options: checkpoints, clips, models and the model cache."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--weights", type=Path, default=REPO.parent / "shared" / "weights")
     parser.add_argument("--samples", type=Path, default=REPO.parent / "shared" / "samples")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--runs", type=int, default=40, help="timed pairs per thread count")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/edged-int8-bench"),
                         help="where converted models are kept between runs")
+    return parser
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A Markdown table on stdout."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    parser = arguments(__doc__)
+    parser.add_argument("--runs", type=int, default=40, help="timed pairs per thread count")
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     frames = held_out_frames(args.samples / "bikes.mp4")
@@ -135,10 +150,7 @@ def main() -> None:
 
     print(f"CPU: {int8_instructions()}; load average {before} before, {load()} after")
     print()
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for cells in rows:
-        print("| " + " | ".join(cells) + " |")
+    print_table(header, rows)
 
 
 if __name__ == "__main__":

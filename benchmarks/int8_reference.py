@@ -19,7 +19,6 @@ code by one step propagates, so these distances rank conversions, they do not me
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import onnxruntime as ort
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.int8 import MODELS, convert  # noqa: E402
+from benchmarks.int8 import arguments, convert, print_table  # noqa: E402
 from edged.catalog import get_model  # noqa: E402
 from edged.fetch import locate  # noqa: E402
 from edged.model import Model, load_model  # noqa: E402
@@ -64,13 +63,8 @@ def summary(report: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", type=Path, default=REPO.parent / "shared" / "weights")
-    parser.add_argument("--samples", type=Path, default=REPO.parent / "shared" / "samples")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser = arguments(__doc__)
     parser.add_argument("--frames", type=int, default=40, help="frames of each clip")
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/edged-int8-bench"),
-                        help="where converted models are kept between runs")
     args = parser.parse_args()
     held = held_out_frames(args.samples / "bikes.mp4")
     other = other_frames(args.samples, args.frames)
@@ -86,10 +80,7 @@ def main() -> None:
                      summary(compare_models(float_model, shipped, held)),
                      summary(compare_models(reference, shipped, other, "the checkpoint"))))
         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for cells in rows:
-        print("| " + " | ".join(cells) + " |")
+    print_table(header, rows)
 
 
 if __name__ == "__main__":
