@@ -1,7 +1,8 @@
 """int8 vs fp32 side by side: latency ratio with 1 and 2 threads, and agreement, per model.
 
-Both models of a pair run in the same process, alternately on the same real frame, so the
-machine's load hits both alike; the ratio is the median of the per-pair ratios int8 / fp32.
+Both models of a pair run in the same process, taking turns in short blocks on the same real
+frame, so the machine's load hits both alike; the ratio is the median of the ratios int8 / fp32
+of adjacent blocks.
 fp32 runs with ONNX Runtime's default session options (only the thread count set), as does int8.
 Agreement is measured on the 14 held-out frames (scikit-image's chelsea, astronaut, coffee,
 rocket and bikes.mp4 frames 9, 34, ..., 234). The CPU's integer instructions and the load
@@ -37,6 +38,7 @@ from models.agreement import held_out_frames  # noqa: E402
 from models.convert import convert_catalog_model  # noqa: E402
 
 MODELS = ("mobilenet_v2_imagenet", "ssd_mobilenet_v2_coco", "deeplabv3_mnv2_voc")
+BLOCK = 4  # timed runs of one model before the other takes its turn
 TARGETS = {"mobilenet_v2_imagenet": 0.45, "ssd_mobilenet_v2_coco": 0.42,
            "deeplabv3_mnv2_voc": 0.6}
 
@@ -51,9 +53,13 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
 
 def paired_ratio(fp32: Path, int8: Path, tensor: np.ndarray, threads: int,
                  runs: int) -> tuple[float, float, float, float]:
-    """Median fp32 ms, median int8 ms, the median per-pair ratio int8 / fp32 of wall time and
-    that of CPU time (one thread only: then ONNX Runtime computes on the calling thread, and its
-    CPU time leaves out the waits a loaded machine adds to the wall time)."""
+    """Median fp32 ms, median int8 ms, the median ratio int8 / fp32 of adjacent blocks of wall
+    time and that of CPU time (one thread only: then ONNX Runtime computes on the calling
+    thread, and its CPU time leaves out the waits a loaded machine adds to the wall time).
+
+    The models take turns in blocks of ``BLOCK`` timed runs, each after one untimed run: with
+    two threads each session's pool spins for a while after its run, and a model timed right
+    after the other would share the cores with those spinning threads."""
     sessions = [session(fp32, threads), session(int8, threads)]
     feed = {"image": tensor}
     for s in sessions:  # warm-up: first runs allocate and pack weights
@@ -61,13 +67,18 @@ def paired_ratio(fp32: Path, int8: Path, tensor: np.ndarray, threads: int,
             s.run(None, feed)
     wall: list[list[float]] = [[], []]
     cpu: list[list[float]] = [[], []]
-    for i in range(runs):
+    for i in range(max(1, runs // BLOCK)):
         order = (0, 1) if i % 2 == 0 else (1, 0)  # neither model always runs second
         for k in order:
-            start, start_cpu = time.perf_counter(), time.thread_time()
             sessions[k].run(None, feed)
-            cpu[k].append(time.thread_time() - start_cpu)
-            wall[k].append(time.perf_counter() - start)
+            times, cpu_times = [], []
+            for _ in range(BLOCK):
+                start, start_cpu = time.perf_counter(), time.thread_time()
+                sessions[k].run(None, feed)
+                cpu_times.append(time.thread_time() - start_cpu)
+                times.append(time.perf_counter() - start)
+            wall[k].append(statistics.median(times))
+            cpu[k].append(statistics.median(cpu_times))
     ratios = [b / a for a, b in zip(*wall, strict=True)]
     cpu_ratios = [b / a for a, b in zip(*cpu, strict=True)] if threads == 1 else [float("nan")]
     return (1e3 * statistics.median(wall[0]), 1e3 * statistics.median(wall[1]),
@@ -122,7 +133,8 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 def main() -> None:
     parser = arguments(__doc__)
-    parser.add_argument("--runs", type=int, default=40, help="timed pairs per thread count")
+    parser.add_argument("--runs", type=int, default=40,
+                        help="timed runs of each model per thread count")
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     frames = held_out_frames(args.samples / "bikes.mp4")
