@@ -615,7 +615,7 @@ def calibrate(float_path: str | os.PathLike[str], frames: Sequence[Frame]
         out = Path(tmp) / "int8.onnx"
         root.setLevel(logging.ERROR)  # the quantizer's advice goes to the root logger
         try:
-                quantize_static(str(float_path), str(out), _Frames(frames, spec),
+            quantize_static(str(float_path), str(out), _Frames(frames, spec),
                             quant_format=QuantFormat.QOperator, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             op_types_to_quantize=QUANTIZED_OPS,
