@@ -626,6 +626,7 @@ def calibrate(float_path: str | os.PathLike[str], frames: Sequence[Frame]
         model = onnx.load(str(out))
     pad_calibrated_stem(model)
     refitted = fit_qlinear_weights(model)
+    drop_unused_constants(model.graph)  # the bounds of the ReLU6s the quantizer folded
     source = onnx.load(str(float_path), load_external_data=False)
     del model.metadata_props[:]
     model.metadata_props.extend(source.metadata_props)

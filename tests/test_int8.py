@@ -214,8 +214,13 @@ def test_float_checkpoint_calibrated_on_clip_frames(converted_model, weights_dir
     assert precision["method"] == "calibrated" and precision["calibration"]["frames"] == 9
     assert precision["refitted_channels"] > 0
     check_int8(onnx.load(str(out)), str(out))  # no float Conv / Add, no float round trip
-    stem = next(n for n in onnx.load(str(out)).graph.node if n.op_type == "QLinearConv")
+    graph = onnx.load(str(out)).graph
+    stem = next(n for n in graph.node if n.op_type == "QLinearConv")
     assert stem.input[0].endswith("_padded") or stem.input[0].endswith("_ordered")  # 4 channels
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    constants = [n.output[0] for n in graph.node if n.op_type == "Constant"]
+    assert [name for name in constants + [t.name for t in graph.initializer]
+            if name not in used] == []  # no leftovers (the folded ReLU6s' bounds)
     _assert_never_saturates(out, photo_frames()[:2])
     # Still a person detector: the astronaut is found with high confidence.
     model = load_model(out)
