@@ -252,6 +252,7 @@ class Pipeline:
             "fps": round(self.fps.rate(), 2), "processed": self.processed,
             "published": self.published, "skipped": self.skipped, "errors": self.errors,
             "frames": self.reader.frames, "drops": self.reader.drops,
+            "decoded": self.reader.decoded,
             "latency_ms": {key: window.summary() for key, window in self.timings.items()},
         }
 

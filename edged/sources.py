@@ -1,6 +1,7 @@
 """Where frames come from: one small capture backend per kind of source, and ``FrameReader``.
 
-A backend (``Capture``) only knows how to ``open``, ``read`` and ``close`` its kind of source:
+A backend (``Capture``) only knows how to ``open``, ``grab`` (take the next frame),
+``retrieve`` (its image) and ``close`` its kind of source:
 
 | kind | URI | backend |
 |---|---|---|
@@ -11,7 +12,8 @@ A backend (``Capture``) only knows how to ``open``, ``read`` and ``close`` its k
 | folder | a directory: its images, sorted by name | ``FolderCapture`` |
 
 ``FrameReader`` runs one backend on a thread. It keeps only the newest frame (bounded latency;
-frames overwritten before being taken are counted as drops), reopens a live source that fails
+frames the consumer never gets are counted as drops), decodes a live frame into an image only
+when the consumer is expected to take it, reopens a live source that fails
 with capped exponential backoff, paces or hands over file frames, and reports each state change
 ("opening", "streaming", "reconnecting", "ended", "failed", "stopped") through ``on_state``;
 "failed" means the reader itself broke (a bug), which the daemon reports with a non-zero exit.
@@ -45,6 +47,8 @@ NETWORK_SCHEMES = frozenset({"rtsp", "rtsps", "http", "https"})
 
 BACKOFF_START = 0.5  # seconds before the first reopen; doubles up to SourceConfig.reconnect_max
 FPS_WINDOW = 25  # frames over which the current frame rate is measured
+PACE_WINDOW = 5  # the consumer's last takes, whose pace says which frames to decode
+DECODE_AHEAD = 1.5  # frame periods before the consumer's expected take that frames decode
 REPEAT_STRIDE = 8  # pixel step of the sample that detects a frozen (repeating) live source
 STOP_JOIN_MARGIN = 2.0  # seconds beyond a blocking open/read that stop() waits for the thread
 
@@ -76,8 +80,11 @@ def to_bgr(image: np.ndarray | None) -> np.ndarray | None:
 
 
 class Capture(ABC):
-    """One kind of source. ``read`` returns the next image (possibly unusable: the reader checks
-    it) or None when the source has nothing more: the end of a finite source, or a failure."""
+    """One kind of source. ``grab`` takes the next frame (False when the source has nothing more:
+    the end of a finite source, or a failure); ``retrieve`` returns its image (possibly unusable:
+    the reader checks it). Backends defer what they can to ``retrieve``, which the reader skips
+    for frames nobody will take: OpenCV decodes a V4L2 camera's MJPG and converts colours
+    there."""
 
     #: files, images and folders end normally; cameras and streams are expected to run forever
     finite: bool = False
@@ -93,8 +100,12 @@ class Capture(ABC):
         Raise EdgedError if it cannot be opened now (the reader retries)."""
 
     @abstractmethod
-    def read(self) -> np.ndarray | None:
-        """The next image, or None at the end of the source or on failure."""
+    def grab(self) -> bool:
+        """Take the next frame; False at the end of the source or on failure."""
+
+    @abstractmethod
+    def retrieve(self) -> np.ndarray | None:
+        """The image of the frame ``grab`` took last."""
 
     @abstractmethod
     def close(self) -> None:
@@ -128,9 +139,13 @@ class _VideoCaptureBase(Capture):
         height = int(self._cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
         return f"{width}x{height}" + (f" @ {self.fps:g} fps" if self.fps else "")
 
-    def read(self) -> np.ndarray | None:
-        assert self._cap is not None, "read before open"
-        ok, image = self._cap.read()
+    def grab(self) -> bool:
+        assert self._cap is not None, "grab before open"
+        return self._cap.grab()
+
+    def retrieve(self) -> np.ndarray | None:
+        assert self._cap is not None, "retrieve before open"
+        ok, image = self._cap.retrieve()
         return image if ok else None
 
     def close(self) -> None:
@@ -203,6 +218,7 @@ class FolderCapture(Capture):
     def __init__(self, uri: str) -> None:
         super().__init__(uri)
         self._pending: deque[Path] = deque()
+        self._grabbed: Path | None = None
 
     def _paths(self) -> list[Path]:
         folder = Path(self.uri)
@@ -218,10 +234,14 @@ class FolderCapture(Capture):
             raise EdgedError(f"{self.uri}: the folder holds no images")
         return f"{len(self._pending)} images"
 
-    def read(self) -> np.ndarray | None:
-        if not self._pending:
+    def grab(self) -> bool:
+        self._grabbed = self._pending.popleft() if self._pending else None
+        return self._grabbed is not None
+
+    def retrieve(self) -> np.ndarray | None:
+        path = self._grabbed
+        if path is None:
             return None
-        path = self._pending.popleft()
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if image is None:
             # Counted as a bad frame by the reader; the log names the file to fix or remove.
@@ -231,6 +251,7 @@ class FolderCapture(Capture):
 
     def close(self) -> None:
         self._pending.clear()
+        self._grabbed = None
 
 
 class ImageCapture(Capture):
@@ -241,6 +262,7 @@ class ImageCapture(Capture):
     def __init__(self, uri: str) -> None:
         super().__init__(uri)
         self._image: np.ndarray | None = None
+        self._grabbed: np.ndarray | None = None
 
     def open(self) -> str:
         image = cv2.imread(self.uri, cv2.IMREAD_COLOR)
@@ -249,12 +271,15 @@ class ImageCapture(Capture):
         self._image = image
         return f"{image.shape[1]}x{image.shape[0]} still image"
 
-    def read(self) -> np.ndarray | None:
-        image, self._image = self._image, None
-        return image
+    def grab(self) -> bool:
+        self._grabbed, self._image = self._image, None
+        return self._grabbed is not None
+
+    def retrieve(self) -> np.ndarray | None:
+        return self._grabbed
 
     def close(self) -> None:
-        self._image = None
+        self._image = self._grabbed = None
 
 
 def make_capture(config: SourceConfig) -> Capture:
@@ -308,16 +333,20 @@ class FrameReader:
     Live sources (cameras, streams) never wait for the consumer: a frame not taken before the
     next arrives is dropped and counted. Finite sources with ``realtime`` and a known frame rate
     are paced at that rate (and drop the same way); otherwise each frame waits until the
-    consumer has taken the previous one, so none is lost. A live source that fails to open,
-    fails, or stalls is reopened forever with backoff doubling from 0.5 s to ``reconnect_max``.
+    consumer has taken the previous one, so none is lost. Where frames drop, each is decoded
+    into an image only if the consumer waits for one or, at its recent pace, will ask before
+    the next frame is due (``_wanted``): a detector at 5 frames/s behind a 30 frames/s camera
+    costs 5-10 decodes a second, not 30. A live source that fails to open, fails, or stalls is
+    reopened forever with backoff doubling from 0.5 s to ``reconnect_max``.
     """
 
     def __init__(self, config: SourceConfig, on_state: StateCallback | None = None) -> None:
         self.config = config
         self.state = "stopped"
         self.detail = ""  # what the current state is about: the stream's format, the error
-        self.frames = 0  # frames handed over (good ones); the next frame's index
-        self.drops = 0  # frames overwritten before the consumer took them
+        self.frames = 0  # frames read and not found bad; the next frame's index
+        self.drops = 0  # frames the consumer never got: not decoded, or overwritten untaken
+        self.decoded = 0  # frames decoded into images (the rest of frames - drops was taken)
         self.bad_frames = 0  # frames skipped as empty or malformed
         self.reconnects = 0  # reopen attempts after a failure
         self.source_fps: float | None = None  # the rate the source declares, once it is open
@@ -326,12 +355,14 @@ class FrameReader:
         self._slot: Frame | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._times: deque[float] = deque(maxlen=FPS_WINDOW)
+        self._times: deque[float] = deque(maxlen=FPS_WINDOW)  # when frames came
+        self._takes: deque[float] = deque(maxlen=PACE_WINDOW)  # when the consumer took them
+        self._waiting = False  # the consumer is blocked in get() for lack of a frame
 
     @property
     def fps(self) -> float:
-        """Frames per second measured over the last few frames (0 when not streaming or before
-        the second frame; ``source_fps`` is the declared rate)."""
+        """Frames per second read from the source, over the last few frames (0 when not
+        streaming or before the second frame; ``source_fps`` is the declared rate)."""
         times = list(self._times)
         if self.state != "streaming" or len(times) < 2 or times[-1] <= times[0]:
             return 0.0
@@ -340,8 +371,8 @@ class FrameReader:
     def stats(self) -> dict[str, float | int | str]:
         """The counters, for status messages."""
         return {"state": self.state, "frames": self.frames, "drops": self.drops,
-                "bad_frames": self.bad_frames, "reconnects": self.reconnects,
-                "fps": round(self.fps, 2)}
+                "decoded": self.decoded, "bad_frames": self.bad_frames,
+                "reconnects": self.reconnects, "fps": round(self.fps, 2)}
 
     def start(self) -> None:
         """Check the source (EdgedError if it can never work) and start reading."""
@@ -367,12 +398,17 @@ class FrameReader:
         None on timeout, or at once after the last frame of an ended or stopped source."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._slot is None:
-                remaining = deadline - time.monotonic()
-                if self.state in ("ended", "failed", "stopped") or remaining <= 0:
-                    return None
-                self._cond.wait(remaining)
+            try:
+                while self._slot is None:
+                    remaining = deadline - time.monotonic()
+                    if self.state in ("ended", "failed", "stopped") or remaining <= 0:
+                        return None
+                    self._waiting = True
+                    self._cond.wait(remaining)
+            finally:
+                self._waiting = False
             frame, self._slot = self._slot, None
+            self._takes.append(time.monotonic())
             self._cond.notify_all()
             return frame
 
@@ -439,22 +475,36 @@ class FrameReader:
         while not self._stopping.is_set():
             started = time.monotonic()
             try:
-                raw = capture.read()
+                grabbed = capture.grab()
             except cv2.error as exc:
                 return ("end", f"read failed: {exc}") if capture.finite else ("lost", str(exc))
             now = time.monotonic()
-            if raw is None:
+            if not grabbed:
                 return ("end", "end of source") if capture.finite else ("lost", "stream ended")
-            image = to_bgr(raw)
+            # After a stalled read FFmpeg hands out old decoder frames: the stream is dead.
+            if not capture.finite and now - started >= read_timeout:
+                return "lost", f"no frame for {read_timeout:g} s"
+            if paced:
+                due = max(due + period, now - period)  # late frames do not cause a burst
+                if self._stopping.wait(max(0.0, due - now)):
+                    break
+                now = time.monotonic()
+            self._times.append(now)
+            if not wait and not self._wanted(now):
+                with self._cond:
+                    self.frames += 1
+                    self.drops += 1
+                continue
+            try:
+                image = to_bgr(capture.retrieve())
+            except cv2.error as exc:
+                return ("end", f"read failed: {exc}") if capture.finite else ("lost", str(exc))
             if image is None:
                 self.bad_frames += 1
                 if not capture.finite and now - last_new > read_timeout:
                     return "lost", f"no usable frame for {read_timeout:g} s"
                 continue
             if not capture.finite:
-                # After a stalled read FFmpeg hands out old decoder frames: the stream is dead.
-                if now - started >= read_timeout:
-                    return "lost", f"no frame for {read_timeout:g} s"
                 # A frozen source repeats its last frame; a live scene never does for long.
                 # Sensor noise touches every pixel, so a sparse sample tells them apart cheaply.
                 sample = image[::REPEAT_STRIDE, ::REPEAT_STRIDE].copy()
@@ -463,12 +513,20 @@ class FrameReader:
                 elif now - last_new > read_timeout:
                     return "lost", f"the same frame for {read_timeout:g} s"
                 previous = sample
-            if paced:
-                due = max(due + period, now - period)  # late frames do not cause a burst
-                if self._stopping.wait(max(0.0, due - now)):
-                    break
             self._put(image, wait)
         return "stop", ""
+
+    def _wanted(self, now: float) -> bool:
+        """Whether the frame that came at ``now`` is worth decoding: the consumer waits for one,
+        or at its recent pace takes the next within ``DECODE_AHEAD`` frame periods. Unsure (too
+        few frames or takes seen yet) means yes."""
+        with self._cond:
+            if self._waiting or len(self._takes) < PACE_WINDOW or len(self._times) < 3:
+                return True
+            takes, times = list(self._takes), list(self._times)
+        take_every = float(np.median(np.diff(takes)))
+        frame_every = float(np.median(np.diff(times)))
+        return now + DECODE_AHEAD * frame_every >= takes[-1] + take_every
 
     def _put(self, image: np.ndarray, wait: bool) -> None:
         """Hand a frame to the consumer (waiting for the slot if ``wait``), dropping the
@@ -480,9 +538,8 @@ class FrameReader:
                 return
             if self._slot is not None:
                 self.drops += 1
-            now = time.monotonic()
             self._slot = Frame(image=image, index=self.frames, wall_time=time.time(),
-                               mono_time=now)
+                               mono_time=time.monotonic())
             self.frames += 1
-            self._times.append(now)
+            self.decoded += 1
             self._cond.notify_all()

@@ -108,6 +108,7 @@ def test_file_realtime_mode_paces_at_the_file_rate(bikes_clip: Path) -> None:
     assert 0.7 < elapsed < 1.6, elapsed
     assert 17 < rate < 33, rate
     assert reader.drops == 0  # the consumer keeps up
+    assert reader.decoded == reader.frames  # and gets every frame decoded
 
 
 def test_file_loop_starts_again_with_increasing_indices(bikes_clip: Path) -> None:
@@ -134,6 +135,26 @@ def test_slow_consumer_of_a_paced_source_counts_drops(bikes_clip: Path) -> None:
     assert reader.drops >= 10, reader.drops
     # Every frame read was either taken, dropped or is still waiting in the slot.
     assert reader.frames - reader.drops - len(taken) in (0, 1)
+
+
+def test_frames_a_slow_consumer_will_not_take_are_not_decoded(bikes_clip: Path) -> None:
+    # A consumer at 5 frames/s behind a 25 frames/s source: once its pace is known, only the
+    # frames due just before its next take are decoded, and what it takes is as fresh as ever.
+    reader, _ = started(SourceConfig(uri=str(bikes_clip), realtime=True))
+    ages = []
+    for take in range(20):
+        frame = reader.get(1.0)
+        assert frame is not None
+        ages.append(time.monotonic() - frame.mono_time)
+        if take == 7:  # the pace is known (5 takes) and settled
+            frames, decoded = reader.frames, reader.decoded
+        time.sleep(0.2)
+    frames, decoded = reader.frames - frames, reader.decoded - decoded
+    reader.stop()
+    assert frames >= 40, frames  # 12 takes x 5 frames, on a noisy machine
+    assert decoded <= 0.6 * frames, (decoded, frames)  # about 2 of 5 here
+    assert decoded >= 12  # every take had its frame decoded
+    assert sorted(ages)[len(ages) // 2] < 0.04, ages  # median age within a frame period
 
 
 def test_still_image_gives_one_frame_then_ends(tmp_path: Path) -> None:
