@@ -470,8 +470,9 @@ class FrameReader:
         paced = period > 0
         wait = capture.finite and not paced
         due = time.monotonic() - period  # the first frame goes at once
-        last_new = time.monotonic()  # the last good frame that differed from the one before
+        last_new = time.monotonic()  # when the last decoded frame differed from the one before
         previous: np.ndarray | None = None  # a sparse sample of the last frame
+        bad_since: float | None = None  # when the current run of unusable frames began
         while not self._stopping.is_set():
             started = time.monotonic()
             try:
@@ -490,7 +491,8 @@ class FrameReader:
                     break
                 now = time.monotonic()
             self._times.append(now)
-            if not wait and not self._wanted(now):
+            # After an unusable frame every frame is decoded until one is usable again.
+            if not wait and bad_since is None and not self._wanted(now):
                 with self._cond:
                     self.frames += 1
                     self.drops += 1
@@ -501,9 +503,11 @@ class FrameReader:
                 return ("end", f"read failed: {exc}") if capture.finite else ("lost", str(exc))
             if image is None:
                 self.bad_frames += 1
-                if not capture.finite and now - last_new > read_timeout:
+                bad_since = bad_since or now
+                if not capture.finite and now - bad_since > read_timeout:
                     return "lost", f"no usable frame for {read_timeout:g} s"
                 continue
+            bad_since = None
             if not capture.finite:
                 # A frozen source repeats its last frame; a live scene never does for long.
                 # Sensor noise touches every pixel, so a sparse sample tells them apart cheaply.
