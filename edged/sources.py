@@ -12,9 +12,9 @@ A backend (``Capture``) only knows how to ``open``, ``grab`` (take the next fram
 | folder | a directory: its images, sorted by name | ``FolderCapture`` |
 
 ``FrameReader`` runs one backend on a thread. It keeps only the newest frame (bounded latency;
-frames the consumer never gets are counted as drops), decodes a live frame into an image only
-when the consumer is expected to take it, reopens a live source that fails
-with capped exponential backoff, paces or hands over file frames, and reports each state change
+frames the consumer never gets are counted as drops), decodes a frame into an image only when
+the consumer is expected to take it, reopens a live source that fails with capped exponential
+backoff, paces or hands over file frames, and reports each state change
 ("opening", "streaming", "reconnecting", "ended", "failed", "stopped") through ``on_state``;
 "failed" means the reader itself broke (a bug), which the daemon reports with a non-zero exit.
 """
@@ -336,7 +336,7 @@ class FrameReader:
     consumer has taken the previous one, so none is lost. Where frames drop, each is decoded
     into an image only if the consumer waits for one or, at its recent pace, will ask before
     the next frame is due (``_wanted``): a detector at 5 frames/s behind a 30 frames/s camera
-    costs 5-10 decodes a second, not 30. A live source that fails to open, fails, or stalls is
+    costs about 10 decodes a second, not 30. A live source that fails to open, fails, or stalls is
     reopened forever with backoff doubling from 0.5 s to ``reconnect_max``.
     """
 
