@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import onnx
-import onnxruntime as ort
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -33,20 +32,14 @@ from edged.catalog import get_model  # noqa: E402
 from edged.fetch import locate  # noqa: E402
 from edged.model import Model, load_model  # noqa: E402
 from models.agreement import BIKES_FRAMES, clip_frames, compare_models, held_out_frames  # noqa: E402
-from models.quantize import carry_quantization  # noqa: E402
+from models.quantize import carry_quantization, load_yardstick  # noqa: E402
 
 
-def yardstick(fp32: Path, weights: Path, name: str) -> Model:
+def yardstick(float_model: Model, weights: Path, name: str) -> Model:
     """The checkpoint's own arithmetic for catalog model ``name``, as a loaded model."""
     checkpoint = locate(get_model(name).checkpoint, None, mirror=weights)
-    model, _ = carry_quantization(onnx.load(str(fp32)), checkpoint, exact=True)
-    path = fp32.with_name(f"{name}.reference.onnx")
-    onnx.save(model, str(path))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return Model(load_model(fp32).info, session)  # the same contract as the float model
+    model, _ = carry_quantization(onnx.load(str(float_model.info.path)), checkpoint, exact=True)
+    return load_yardstick(model, float_model)
 
 
 def other_frames(samples: Path, count: int) -> list:
@@ -74,8 +67,8 @@ def main() -> None:
     for step, name in enumerate(args.models, 1):
         print(f"[{step}/{len(args.models)}] {name}", file=sys.stderr, flush=True)
         fp32, int8 = (convert(name, args.dir, args.weights, p) for p in ("fp32", "int8"))
-        reference, shipped, float_model = yardstick(fp32, args.weights, name), \
-            load_model(int8), load_model(fp32)
+        float_model, shipped = load_model(fp32), load_model(int8)
+        reference = yardstick(float_model, args.weights, name)
         rows.append((name, summary(compare_models(float_model, reference, held)),
                      summary(compare_models(float_model, shipped, held)),
                      summary(compare_models(reference, shipped, other, "the checkpoint"))))

@@ -21,12 +21,14 @@ backoff, paces or hands over file frames, and reports each state change
 
 from __future__ import annotations
 
+import itertools
 import logging
+import statistics
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -324,6 +326,16 @@ def make_capture(config: SourceConfig) -> Capture:
     return capture
 
 
+def _read_failed(capture: Capture, exc: cv2.error) -> tuple[str, str]:
+    """How the reader ends on an OpenCV error: a finite source has ended, a live one is lost."""
+    return ("end", f"read failed: {exc}") if capture.finite else ("lost", str(exc))
+
+
+def _median_gap(times: Sequence[float]) -> float:
+    """The median time between successive ``times``."""
+    return statistics.median(b - a for a, b in itertools.pairwise(times))
+
+
 class FrameReader:
     """Reads one source on a thread and hands the newest frame to one consumer.
 
@@ -478,7 +490,7 @@ class FrameReader:
             try:
                 grabbed = capture.grab()
             except cv2.error as exc:
-                return ("end", f"read failed: {exc}") if capture.finite else ("lost", str(exc))
+                return _read_failed(capture, exc)
             now = time.monotonic()
             if not grabbed:
                 return ("end", "end of source") if capture.finite else ("lost", "stream ended")
@@ -500,7 +512,7 @@ class FrameReader:
             try:
                 image = to_bgr(capture.retrieve())
             except cv2.error as exc:
-                return ("end", f"read failed: {exc}") if capture.finite else ("lost", str(exc))
+                return _read_failed(capture, exc)
             if image is None:
                 self.bad_frames += 1
                 bad_since = bad_since or now
@@ -528,9 +540,7 @@ class FrameReader:
             if self._waiting or len(self._takes) < PACE_WINDOW or len(self._times) < 3:
                 return True
             takes, times = list(self._takes), list(self._times)
-        take_every = float(np.median(np.diff(takes)))
-        frame_every = float(np.median(np.diff(times)))
-        return now + DECODE_AHEAD * frame_every >= takes[-1] + take_every
+        return now + DECODE_AHEAD * _median_gap(times) >= takes[-1] + _median_gap(takes)
 
     def _put(self, image: np.ndarray, wait: bool) -> None:
         """Hand a frame to the consumer (waiting for the slot if ``wait``), dropping the

@@ -33,7 +33,7 @@ from onnx import helper, numpy_helper
 
 from edged.errors import EdgedError, first_line
 from edged.fetch import atomic_file
-from edged.model import load_model
+from edged.model import Model, load_model
 from edged.preprocess import Preprocessor
 from edged.schedule.session import optimize_offline
 from models.agreement import Frame, agreement_report, load_frames, photo_frames
@@ -400,9 +400,8 @@ class _Carrier:
         inputs = {i.name for i in self.graph.input}
         for node in convs:
             name = node.input[0]
-            group = _group(node)
             op = ops[node.name]
-            if name not in inputs or users.get(name) != [node] or group != 1:
+            if name not in inputs or users.get(name) != [node] or _group(node) != 1:
                 continue
             w = conv_weights(op)[0].astype(np.float64)
             scale = np.broadcast_to(op.inputs[1].scale.astype(np.float64), (w.shape[0],))
@@ -580,6 +579,20 @@ def carry_quantization(model: onnx.ModelProto, checkpoint: str | os.PathLike[str
     return model, carried
 
 
+def load_yardstick(model: onnx.ModelProto, like: Model) -> Model:
+    """The model ``carry_quantization(..., exact=True)`` made, loaded as ONNX Runtime can run it:
+    unoptimized (no integer kernel takes int32 weights), with the float model ``like``'s
+    contract (task, labels, input)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    return Model(like.info, session)
+
+
 # --- calibrating a float checkpoint ------------------------------------------------------------
 
 class _Frames:
@@ -633,10 +646,10 @@ def calibrate(float_path: str | os.PathLike[str], frames: Sequence[Frame]
     return model, refitted
 
 
-def pad_calibrated_stem(model: onnx.ModelProto) -> bool:
+def pad_calibrated_stem(model: onnx.ModelProto) -> None:
     """Give a calibrated model's stem (a QLinearConv reading the quantized graph input) zero
     input channels up to a multiple of 4, as carried models get (``_Carrier._stem_pad``: ONNX
-    Runtime's direct int8 convolution, no int32 accumulator + im2col); True if it did."""
+    Runtime's direct int8 convolution, no int32 accumulator + im2col)."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     inputs = {i.name for i in graph.input}
@@ -648,14 +661,14 @@ def pad_calibrated_stem(model: onnx.ModelProto) -> bool:
 
     def is_stem(node: onnx.NodeProto) -> bool:
         if node.op_type != "QLinearConv" or _group(node) != 1:
-            return False
+            return
         source = by_output.get(node.input[0])
         return (source is not None and source.op_type == "QuantizeLinear"
                 and source.input[0] in inputs and readers[node.input[0]] == [node])
 
     index = next((i for i, node in enumerate(graph.node) if is_stem(node)), None)
     if index is None:
-        return False
+        return
     stem = graph.node[index]
     # inputs: x, x_scale, x_zero, w, w_scale, w_zero, y_scale, y_zero[, bias]
     codes = numpy_helper.to_array(inits[stem.input[3]])
@@ -663,7 +676,7 @@ def pad_calibrated_stem(model: onnx.ModelProto) -> bool:
                             (codes.shape[0],))
     padding = _stem_order(codes * scale[:, None, None, None], scale)
     if padding is None:
-        return False
+        return
     added: list[onnx.TensorProto] = []
 
     def init(name: str, array: np.ndarray) -> str:
@@ -678,7 +691,6 @@ def pad_calibrated_stem(model: onnx.ModelProto) -> bool:
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes[:index] + pad_nodes + nodes[index:])
-    return True
 
 
 def fit_qlinear_weights(model: onnx.ModelProto) -> int:

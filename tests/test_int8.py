@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from edged.cli import main
 from edged.errors import EdgedError
-from edged.model import Model, load_model
+from edged.model import load_model
 from edged.postprocess import PostprocessOptions, Postprocessor
 from edged.preprocess import Preprocessor
 from models.agreement import (
@@ -35,6 +35,7 @@ from models.quantize import (
     carry_quantization,
     check_int8,
     coarse_labels,
+    load_yardstick,
     pair_sums,
     quantize_model,
 )
@@ -125,11 +126,8 @@ def test_int8_keeps_the_checkpoints_weights_wherever_they_fit(converted_model, w
     assert kept == precision["weight_channels"] - precision["refitted_channels"] > 0
 
     # It runs unoptimized (no integer kernel takes int32 weights) and agrees on a decided frame.
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(reference.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    report = compare_models(load_model(fp32), Model(load_model(fp32).info, session), frames[:1])
+    float_model = load_model(fp32)
+    report = compare_models(float_model, load_yardstick(reference, float_model), frames[:1])
     assert report["top1_agree"] == report["decided_frames"] == 1, report
 
 
