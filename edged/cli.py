@@ -19,6 +19,7 @@ EPILOG = """examples:
   edged run --task detect --source /dev/video0
   edged run --config /etc/edged/edged.yaml
   edged check --config config/detect-camera.yaml
+  edged config schema > /etc/edged/edged.schema.json
   edged models list
   edged models fetch ssd_mobilenet_v2_coco --mirror ../shared/weights
   edged convert ssd_mobilenet_v2_coco -o ssd.onnx
@@ -79,6 +80,32 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
                          "$STATE_DIRECTORY, /var/lib/edged or ~/.local/state/edged)")
         cmd.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
         cmd.set_defaults(func=func)
+
+
+def _add_config_commands(sub: argparse._SubParsersAction) -> None:
+    """``edged config schema|docs``: the deployment file's JSON Schema and reference."""
+
+    def schema(args: argparse.Namespace) -> int:
+        from edged.config import config_schema
+
+        print(json.dumps(config_schema(), indent=2))
+        return 0
+
+    def docs(args: argparse.Namespace) -> int:
+        from edged.config import config_reference
+
+        print(config_reference())
+        return 0
+
+    config = sub.add_parser("config", help="the deployment file: JSON Schema, reference",
+                            description="the deployment file: JSON Schema, reference")
+    csub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    for name, func, text in (
+        ("schema", schema, "print the JSON Schema of a deployment YAML (for editors: "
+                           "docs/config.md)"),
+        ("docs", docs, "print the settings reference (the tables of docs/config.md)"),
+    ):
+        csub.add_parser(name, help=text, description=text).set_defaults(func=func)
 
 
 def _add_models_commands(sub: argparse._SubParsersAction) -> None:
@@ -345,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edged {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_run_commands(sub)
+    _add_config_commands(sub)
     _add_models_commands(sub)
     _add_convert_command(sub)
     _add_plan_command(sub)

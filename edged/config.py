@@ -1,150 +1,290 @@
-"""What a deployment is configured to do: the typed model of the YAML file.
+"""What a deployment is configured to do: every setting of the YAML file, declared once.
 
-These dataclasses are the one description of configuration that every part of the daemon reads.
-``load_config`` / ``parse_config`` (below) build them from YAML and report every problem with its
-exact path (``streams[1].source: ...``); unknown keys are errors.
+Each field below carries its type, bounds, default, meaning and reload behaviour; validation
+(``edged.validation``), the JSON Schema (``edged config schema``), the reference tables of
+docs/config.md and the checks of MQTT commands all derive from these declarations.
+
+Declared vs resolved (as uvicorn's ``Config.load()``): ``validate_config`` checks plain data
+and has no side effects; ``resolve_config`` makes relative paths absolute against the YAML
+file, checks that files exist and reads the MQTT password, returning a new ``Config``. The
+configuration is immutable: the daemon replaces it, it never changes it in place.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import os
 import re
 import socket
-import types
-import typing
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
+import msgspec
 import yaml
+from msgspec import Meta
 
+from edged.domain import TOPIC_PREFIX, TOPIC_SAFE, TOPIC_SAFE_HINT, SourceKind, source_kind
 from edged.errors import EdgedError
+from edged.validation import Problems, Section, build, json_schema, setting, settings_table
 
 Task = Literal["classify", "detect", "segment"]
 PublishPolicy = Literal["every", "change", "rate"]
 # ONNX Runtime memory: "auto" runs planned models (edged plan --budget) lean, "lean" every
 # model, "default" none (docs/memory.md).
 MemoryMode = Literal["auto", "lean", "default"]
-TASKS: tuple[str, ...] = typing.get_args(Task)
+TASKS: tuple[str, ...] = get_args(Task)
+
+# Every number is finite and bounded where it is declared: a rate of 1e-300 per second or an
+# infinite timeout would overflow the waits that use them.
+Rate = Annotated[float, Meta(ge=0.001, le=1000)]  # per second
+Seconds = Annotated[float, Meta(gt=0, le=86400)]
+Timeout = Annotated[float, Meta(gt=0, le=3600)]
+Score = Annotated[float, Meta(ge=0, le=1)]
+Fraction = Annotated[float, Meta(ge=0, le=1)]
+Pixels = Annotated[int, Meta(ge=1, le=16384)]
+Text = Annotated[str, Meta(min_length=1, max_length=4096)]
+Name = Annotated[str, Meta(pattern=TOPIC_SAFE, max_length=128),
+                 Meta(extra={"error": f"is not topic-safe ({TOPIC_SAFE_HINT})"})]
+
+MAX_FILE_BYTES = 1 << 20  # a configuration file larger than this is refused
 
 
-@dataclass
-class SourceConfig:
+class SourceConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Where frames come from: a V4L2 device, an RTSP / HTTP(S) MJPEG URL, a video file,
     a still image or a folder of images."""
 
-    uri: str
-    width: int | None = None  # V4L2: requested capture size
-    height: int | None = None
-    fps: float | None = None  # V4L2: requested frame rate
-    fourcc: str | None = None  # V4L2: pixel format, e.g. "MJPG" or "YUYV"
-    open_timeout: float = 5.0  # seconds, network sources
-    read_timeout: float = 5.0  # seconds, network sources
-    realtime: bool = True  # files: pace at the file's frame rate (False: as fast as possible)
-    loop: bool = False  # files / folders: start again at the end
-    reconnect_max: float = 30.0  # cap of the reopen backoff, seconds
+    shorthand: ClassVar[str] = "uri"
+
+    uri: Annotated[Text, setting(
+        "`/dev/videoN` or `N` (V4L2), `rtsp://`, `rtsps://`, `http(s)://` (MJPEG), a video "
+        "file, an image, a folder of images")]
+    width: Annotated[Pixels | None, setting("V4L2: requested capture width")] = None
+    height: Annotated[Pixels | None, setting("V4L2: requested capture height")] = None
+    fps: Annotated[Rate | None, setting("V4L2: requested frame rate")] = None
+    fourcc: Annotated[
+        Annotated[str, Meta(pattern=r"^.{4}$")] | None,
+        setting("V4L2: pixel format, e.g. `MJPG` or `YUYV`",
+                error="must be 4 characters, e.g. MJPG")] = None
+    open_timeout: Annotated[Timeout, setting("seconds to open a network source")] = 5.0
+    read_timeout: Annotated[Timeout, setting(
+        "seconds without a usable frame before a network source counts as lost")] = 5.0
+    realtime: Annotated[bool, setting(
+        "files: pace at the file's frame rate; `false`: every frame, as fast as inference "
+        "goes")] = True
+    loop: Annotated[bool, setting("files and folders: start again at the end")] = False
+    reconnect_max: Annotated[Timeout, setting(
+        "cap of the reopen backoff (seconds) for cameras and streams")] = 30.0
+
+    def rules(self) -> Iterable[tuple[str, str]]:
+        try:
+            source_kind(self.uri)
+        except EdgedError as exc:
+            yield "uri", str(exc)
+
+    @property
+    def kind(self) -> SourceKind:
+        """What the URI names (a valid configuration's URI always has a kind)."""
+        return source_kind(self.uri)
 
 
-@dataclass
-class RegionConfig:
+class RegionConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Region of interest in normalized coordinates (0..1) of the source frame."""
 
-    x: float = 0.0
-    y: float = 0.0
-    width: float = 1.0
-    height: float = 1.0
+    x: Annotated[Fraction, setting("left edge")] = 0.0
+    y: Annotated[Fraction, setting("top edge")] = 0.0
+    width: Annotated[Annotated[float, Meta(ge=0.01, le=1)], setting("width")] = 1.0
+    height: Annotated[Annotated[float, Meta(ge=0.01, le=1)], setting("height")] = 1.0
+
+    def rules(self) -> Iterable[tuple[str, str]]:
+        if self.x + self.width > 1.0001 or self.y + self.height > 1.0001:
+            yield "", "must lie inside the frame (x + width <= 1, y + height <= 1)"
 
 
-@dataclass
-class PublishConfig:
+class PublishConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """When results are published: every frame, only when they change, or at most ``rate``/s."""
 
-    policy: PublishPolicy = "every"
-    rate: float = 1.0  # results per second, for policy "rate"
-    snapshot: bool = False  # detect: also publish an annotated JPEG
-    snapshot_interval: float = 5.0  # detect: at least this many seconds between snapshots
-    class_map: Literal["none", "png", "rle"] = "none"  # segment: include the class map
-    class_map_size: int = 128  # segment: longest side of the published class map
+    policy: Annotated[PublishPolicy, setting(
+        "`every` frame; `change`: classify top-1 label, detect set of labels or their counts, "
+        "segment a class fraction moving by more than 1 %; `rate`: at most `rate` per second",
+        "live")] = "every"
+    rate: Annotated[Rate, setting("results per second for `rate`", "live")] = 1.0
+    snapshot: Annotated[bool, setting(
+        "detect: also publish an annotated JPEG on `<stream>/snapshot`", "live")] = False
+    snapshot_interval: Annotated[Annotated[float, Meta(ge=0, le=86400)], setting(
+        "seconds between snapshots at least", "live")] = 5.0
+    class_map: Annotated[Literal["none", "png", "rle"], setting(
+        "segment: include the class map as `png` (base64) or `rle`", "live")] = "none"
+    class_map_size: Annotated[Annotated[int, Meta(ge=8, le=4096)], setting(
+        "segment: longest side of that class map", "live")] = 128
 
 
-@dataclass
-class StreamConfig:
+class StreamConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One camera stream and what to run on it."""
 
-    name: str
-    source: SourceConfig
-    task: Task
-    model: str | None = None  # ONNX file path or catalog name; None: the task's default
-    fps: float | None = None  # process at most this many frames per second
-    threshold: float = 0.5  # default minimum score
-    thresholds: dict[str, float] = field(default_factory=dict)  # per-label minimum score
-    labels: list[str] | None = None  # allow-list; None: all labels
-    top_k: int = 5  # classify: how many classes to report
-    region: RegionConfig | None = None
-    publish: PublishConfig = field(default_factory=PublishConfig)
-    threads: int | None = None  # ONNX Runtime intra-op threads; None: number of cores
-    memory: MemoryMode | None = None  # None: the global memory setting
-    # Seconds without a frame while the source claims to stream (a hung driver, a server that
-    # keeps the connection open and sends nothing) before the stream counts as stalled and the
-    # systemd watchdog pings stop. Longer than source.read_timeout, after which the reader
-    # reconnects by itself.
-    stall_timeout: float = 20.0
+    name: Annotated[Name, setting("the stream's topic level")]
+    task: Annotated[Task, setting("`classify`, `detect` or `segment`")]
+    source: Annotated[SourceConfig, setting("a URI, or a mapping (below)")]
+    model: Annotated[Text | None, setting(
+        "catalog name (`edged models list`) or an ONNX file; none: the task's catalog "
+        "default")] = None
+    fps: Annotated[Rate | None, setting(
+        "process at most this many frames per second; none: no limit", "live")] = None
+    threshold: Annotated[Score, setting(
+        "minimum score (detect) / probability (classify)", "live")] = 0.5
+    thresholds: Annotated[dict[str, Score], setting(
+        "per-label minimum scores, e.g. `{person: 0.6}`", "live")] = {}
+    labels: Annotated[list[str] | None, setting("only report these labels; none: all",
+                                                "live")] = None
+    top_k: Annotated[Annotated[int, Meta(ge=1, le=100)], setting(
+        "classify: classes per result", "live")] = 5
+    region: Annotated[RegionConfig | None, setting(
+        "`{x, y, width, height}` normalized 0..1: run on this part of the frame only")] = None
+    publish: Annotated[PublishConfig, setting("when results go out (below)", "live")] = \
+        PublishConfig()
+    threads: Annotated[Annotated[int, Meta(ge=1, le=256)] | None, setting(
+        "ONNX Runtime threads; none: the usable cores (streams sharing a model file share one "
+        "session, with the most threads any of them asks for)")] = None
+    memory: Annotated[MemoryMode | None, setting(
+        "ONNX Runtime memory for this stream's model; none: the top-level `memory`")] = None
+    stall_timeout: Annotated[Seconds, setting(
+        "seconds without frames while the source claims to stream before the stream counts "
+        "as stalled (watchdog pings stop); keep it above `source.read_timeout`", "live")] = 20.0
 
 
-@dataclass
-class TLSConfig:
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    insecure: bool = False  # skip host name verification (self-signed test brokers)
+def standalone_stream(task: Task, **settings: Any) -> StreamConfig:
+    """A stream's settings outside a deployment (conversion checks, tests): ``settings``
+    checked as a file's would be, the source a placeholder. Raises ``ConfigError``."""
+    problems = Problems()
+    stream = build(StreamConfig, {"name": task, "task": task, "source": "0", **settings}, "",
+                   problems)
+    if problems:
+        raise ConfigError("settings", problems)
+    return stream  # type: ignore[return-value]
 
 
-@dataclass
-class MqttConfig:
+class TLSConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """TLS to the broker, with a client certificate for mutual TLS."""
+
+    ca_file: Annotated[Text | None, setting("CA certificates (PEM); none: the system's",
+                                            "daemon")] = None
+    cert_file: Annotated[Text | None, setting("client certificate (PEM)", "daemon")] = None
+    key_file: Annotated[Text | None, setting("client key (PEM)", "daemon")] = None
+    insecure: Annotated[bool, setting(
+        "skip host name verification (self-signed test brokers)", "daemon")] = False
+
+    def rules(self) -> Iterable[tuple[str, str]]:
+        if (self.cert_file is None) != (self.key_file is None):
+            yield "", "cert_file and key_file go together"
+
+
+class MqttConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The broker connection and the topic contract's prefix."""
 
-    host: str = "localhost"
-    port: int = 1883
-    client_id: str | None = None
-    username: str | None = None
-    # Resolved from password_env / password_file; never logged, never read from the YAML itself.
-    password: str | None = field(default=None, repr=False)
-    password_env: str | None = None
-    password_file: str | None = None
-    tls: TLSConfig | None = None
-    topic_prefix: str = "edged"
-    qos: int = 1
-    keepalive: int = 30
-    outbox_dir: str | None = None  # None: <state dir>/outbox
-    outbox_max: int = 10000  # messages kept on disk while the broker is away
+    refused: ClassVar[Mapping[str, str]] = {
+        "password": "not allowed in the file; use password_env or password_file"}
+    resolved: ClassVar[frozenset[str]] = frozenset({"password"})
+
+    host: Annotated[Text, setting("broker host name or address", "daemon")] = "localhost"
+    port: Annotated[Annotated[int, Meta(ge=1, le=65535)], setting("broker port",
+                                                                  "daemon")] = 1883
+    client_id: Annotated[Text | None, setting("MQTT client id; none: `edged-<device>`",
+                                              "daemon")] = None
+    username: Annotated[Text | None, setting("user name", "daemon")] = None
+    password_env: Annotated[Text | None, setting(
+        "environment variable holding the password", "daemon")] = None
+    password_file: Annotated[Text | None, setting(
+        "file whose first line is the password", "daemon")] = None
+    tls: Annotated[TLSConfig | None, setting("TLS (below); none: plain TCP", "daemon")] = None
+    topic_prefix: Annotated[
+        Annotated[str, Meta(pattern=TOPIC_PREFIX, max_length=256)],
+        setting("first topic level(s)", "daemon",
+                error="is not a valid topic prefix (levels of letters, digits, '_', '-', "
+                      "'.')")] = "edged"
+    qos: Annotated[Annotated[int, Meta(ge=0, le=2)], setting("results' QoS", "daemon")] = 1
+    keepalive: Annotated[Annotated[int, Meta(ge=5, le=3600)], setting(
+        "seconds between pings to the broker", "daemon")] = 30
+    outbox_dir: Annotated[Text | None, setting(
+        "results waiting for the broker (survive restarts); none: `<state_dir>/outbox`",
+        "daemon")] = None
+    outbox_max: Annotated[Annotated[int, Meta(ge=1, le=10_000_000)], setting(
+        "results kept on disk; beyond that the oldest are dropped and counted", "daemon")] = 10000
+    # Read from password_env / password_file by resolve_config; never logged or printed.
+    password: str | None = None
+
+    def rules(self) -> Iterable[tuple[str, str]]:
+        if self.password_env and self.password_file:
+            yield "", "give password_env or password_file, not both"
+        elif (self.password_env or self.password_file) and not self.username:
+            yield "username", "required when a password is given"
+
+    def __repr__(self) -> str:
+        shown = msgspec.structs.replace(self, password=None if self.password is None else "***")
+        return "Mqtt" + repr(msgspec.to_builtins(shown))
 
 
-@dataclass
-class LoggingConfig:
-    level: Literal["debug", "info", "warning", "error"] = "info"
+class LoggingConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What the daemon logs."""
+
+    level: Annotated[Literal["debug", "info", "warning", "error"], setting(
+        "`debug`, `info`, `warning`, `error`", "live")] = "info"
 
 
-@dataclass
-class Config:
-    """A whole deployment."""
+def default_device() -> str:
+    """the host name"""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:128] or "edged"
 
-    device: str  # YAML default: the host name
-    streams: list[StreamConfig]
-    mqtt: MqttConfig | None = None  # None: no broker, results only on stdout if enabled
-    stdout: bool = False  # JSON-lines sink on standard output
-    state_dir: str = field(default_factory=lambda: default_state_dir())
-    model_dir: str | None = None  # where catalog models are cached; None: default cache
-    stats_interval: float = 10.0  # seconds between stats messages
-    memory: MemoryMode = "auto"  # ONNX Runtime memory for every stream without its own
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+def default_state_dir() -> str:
+    """`$STATE_DIRECTORY`, `/var/lib/edged` or `~/.local/state/edged`"""
+    if os.environ.get("STATE_DIRECTORY"):
+        return os.environ["STATE_DIRECTORY"].split(":")[0]
+    system = Path("/var/lib/edged")
+    if os.access(system if system.exists() else system.parent, os.W_OK):
+        return str(system)
+    return str(Path.home() / ".local" / "state" / "edged")
+
+
+class Config(Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A whole deployment of edged: the device, its streams and where results go."""
+
+    device: Annotated[Name, setting(
+        "device id, the second level of every MQTT topic", "daemon")] = \
+        msgspec.field(default_factory=default_device)
+    streams: Annotated[list[StreamConfig], setting(
+        "the streams (below); names unique and topic-safe", "live")]
+    mqtt: Annotated[MqttConfig | None, setting(
+        "the broker (below); without it `stdout: true` is needed", "daemon")] = None
+    stdout: Annotated[bool, setting("also write every message as one JSON line on stdout",
+                                    "daemon")] = False
+    state_dir: Annotated[Text, setting("outbox and state", "daemon")] = \
+        msgspec.field(default_factory=default_state_dir)
+    model_dir: Annotated[Text | None, setting(
+        "where catalog models are converted to; none: `$EDGED_CACHE` or "
+        "`~/.cache/edged`")] = None
+    stats_interval: Annotated[Annotated[float, Meta(ge=1, le=86400)], setting(
+        "seconds between `stats` messages", "live")] = 10.0
+    memory: Annotated[MemoryMode, setting(
+        "ONNX Runtime memory for every stream without its own: `auto` runs planned models "
+        "lean, `lean` every model, `default` none (docs/memory.md)")] = "auto"
+    logging: Annotated[LoggingConfig, setting("logging (below)", "live")] = LoggingConfig()
+
+    def rules(self) -> Iterable[tuple[str, str]]:
+        if not self.stdout and self.mqtt is None:
+            yield "mqtt", ("no broker and stdout is false: results would go nowhere "
+                           "(add an mqtt section or stdout: true)")
+        if self.streams == []:
+            yield "streams", "at least one stream is needed"
+        seen: dict[str, int] = {}
+        for i, stream in enumerate(self.streams):
+            if stream.name in seen:
+                yield (f"streams[{i}].name",
+                       f"{stream.name!r} is already used by streams[{seen[stream.name]}]")
+            seen.setdefault(stream.name, i)
 
     def redacted(self) -> dict[str, Any]:
         """The configuration as plain data with secrets masked: safe to log or print."""
-        data = dataclasses.asdict(self)
-        if data["mqtt"] and data["mqtt"]["password"] is not None:
+        data = msgspec.to_builtins(self)
+        if data.get("mqtt") and data["mqtt"]["password"] is not None:
             data["mqtt"]["password"] = "***"
         return data
 
@@ -156,15 +296,22 @@ class Config:
         raise KeyError(name)
 
 
-def default_state_dir() -> str:
-    """$STATE_DIRECTORY (systemd's StateDirectory=), else /var/lib/edged when writable, else
-    ~/.local/state/edged (a user running ``edged run`` by hand)."""
-    if os.environ.get("STATE_DIRECTORY"):
-        return os.environ["STATE_DIRECTORY"].split(":")[0]
-    system = Path("/var/lib/edged")
-    if os.access(system if system.exists() else system.parent, os.W_OK):
-        return str(system)
-    return str(Path.home() / ".local" / "state" / "edged")
+def config_schema() -> dict[str, Any]:
+    """The JSON Schema of a deployment file (``edged config schema``)."""
+    return json_schema(Config, "edged deployment")
+
+
+# The reference sections of docs/config.md, in the order they appear there.
+REFERENCE = (("Top level", Config), ("`streams[]`", StreamConfig),
+             ("`streams[].source`", SourceConfig), ("`streams[].region`", RegionConfig),
+             ("`streams[].publish`", PublishConfig), ("`mqtt`", MqttConfig),
+             ("`mqtt.tls`", TLSConfig), ("`logging`", LoggingConfig))
+
+
+def config_reference() -> str:
+    """The settings reference of docs/config.md (``edged config docs``): one table per
+    section, generated from the declarations above."""
+    return "\n\n".join(f"### {title}\n\n{settings_table(cls)}" for title, cls in REFERENCE)
 
 
 class ConfigError(EdgedError):
@@ -177,84 +324,100 @@ class ConfigError(EdgedError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Field constraints beyond the type: (dataclass, field) -> check returning a problem or None.
-
-Check = Callable[[Any], "str | None"]
+# Validate (pure), resolve (paths, files, secrets), load (YAML)
 
 
-def _between(low: float, high: float) -> Check:
-    def check(value: Any) -> str | None:
-        return None if low <= value <= high else f"must be {low}..{high}"
-
-    return check
-
-
-def _positive(value: Any) -> str | None:
-    return None if value > 0 else "must be > 0"
+def validate_config(data: Any, problems: Problems) -> Config | None:
+    """``data`` (as parsed from YAML) checked against the declarations, every problem added to
+    ``problems``; no file is looked at and nothing is read. None when the top is unusable."""
+    return build(Config, {} if data is None else data, "", problems)  # type: ignore[return-value]
 
 
-def _not_negative(value: Any) -> str | None:
-    return None if value >= 0 else "must be >= 0"
+def resolve_config(config: Config, base_dir: Path, problems: Problems,
+                   environ: Mapping[str, str] = os.environ) -> Config:
+    """``config`` with relative paths made absolute against ``base_dir``, files checked and
+    the MQTT password read; problems are added to ``problems``. Tolerates fields left None by
+    validation problems, so that one run reports both kinds."""
+
+    def path(value: str) -> str:
+        return str(base_dir / Path(value).expanduser())
+
+    streams = []
+    for i, stream in enumerate(config.streams or []):
+        if stream is None:
+            streams.append(stream)
+            continue
+        where = f"streams[{i}]"
+        model, source = stream.model, stream.source
+        if model is not None and ("/" in model or model.endswith(".onnx")):
+            model = path(model)  # a catalog name is resolved at start; a file must exist now
+            if not Path(model).is_file():
+                problems.add(f"{where}.model", f"no such model file: {model}")
+        if source is not None and source.uri is not None and _is_file_uri(source.uri):
+            source = msgspec.structs.replace(source, uri=path(source.uri))
+            if not Path(source.uri).exists():
+                problems.add(f"{where}.source.uri", f"no such file or folder: {source.uri}")
+        streams.append(msgspec.structs.replace(stream, model=model, source=source))
+    mqtt = config.mqtt and _resolve_mqtt(config.mqtt, path, problems, environ)
+    return msgspec.structs.replace(
+        config, streams=streams, mqtt=mqtt,
+        state_dir=config.state_dir and path(config.state_dir),
+        model_dir=config.model_dir and path(config.model_dir))
 
 
-# MQTT topic levels must not hold wildcards or separators; keep names to a portable alphabet.
-_TOPIC_SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
+def _is_file_uri(uri: str) -> bool:
+    try:
+        return source_kind(uri) is SourceKind.FILE
+    except EdgedError:
+        return False  # reported by validation
 
 
-def _topic_safe(value: Any) -> str | None:
-    if _TOPIC_SAFE.match(value):
-        return None
-    return f"{value!r} is not topic-safe (use letters, digits, '_', '-', '.')"
+def _resolve_mqtt(mqtt: MqttConfig, path: Any, problems: Problems,
+                  environ: Mapping[str, str]) -> MqttConfig:
+    password = None
+    if mqtt.password_env and not mqtt.password_file:
+        password = environ.get(mqtt.password_env)
+        if password is None:
+            problems.add("mqtt.password_env",
+                         f"environment variable {mqtt.password_env} is not set")
+    elif mqtt.password_file and not mqtt.password_env:
+        file = path(mqtt.password_file)
+        try:
+            # One line, like a credentials file; the trailing newline is not part of it.
+            password = Path(file).read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.add("mqtt.password_file",
+                         f"cannot read {file}: {getattr(exc, 'strerror', None) or exc}")
+    tls = mqtt.tls
+    if tls is not None:
+        files = {}
+        for name in ("ca_file", "cert_file", "key_file"):
+            value = getattr(tls, name)
+            if value is not None:
+                files[name] = path(value)
+                if not Path(files[name]).is_file():
+                    problems.add(f"mqtt.tls.{name}", f"no such file: {files[name]}")
+        tls = msgspec.structs.replace(tls, **files)
+    return msgspec.structs.replace(
+        mqtt, password=password, tls=tls,
+        outbox_dir=mqtt.outbox_dir and path(mqtt.outbox_dir))
 
 
-def _topic_prefix(value: Any) -> str | None:
-    if value and all(_TOPIC_SAFE.match(level) for level in value.split("/")):
-        return None
-    return f"{value!r} is not a valid topic prefix (levels of letters, digits, '_', '-', '.')"
+def parse_config(data: Any, origin: str = "<config>",
+                 base_dir: str | os.PathLike[str] | None = None) -> Config:
+    """Validate and resolve plain data (as parsed from YAML) into a ``Config``.
 
-
-def _fourcc(value: Any) -> str | None:
-    return None if len(value) == 4 else "must be 4 characters, e.g. MJPG"
-
-
-CHECKS: dict[tuple[type, str], Check] = {
-    (SourceConfig, "width"): _positive,
-    (SourceConfig, "height"): _positive,
-    (SourceConfig, "fps"): _positive,
-    (SourceConfig, "fourcc"): _fourcc,
-    (SourceConfig, "open_timeout"): _positive,
-    (SourceConfig, "read_timeout"): _positive,
-    (SourceConfig, "reconnect_max"): _positive,
-    (RegionConfig, "x"): _between(0, 1),
-    (RegionConfig, "y"): _between(0, 1),
-    (RegionConfig, "width"): _between(0.01, 1),
-    (RegionConfig, "height"): _between(0.01, 1),
-    (PublishConfig, "rate"): _positive,
-    (PublishConfig, "snapshot_interval"): _not_negative,
-    (PublishConfig, "class_map_size"): _between(8, 4096),
-    (StreamConfig, "name"): _topic_safe,
-    (StreamConfig, "fps"): _positive,
-    (StreamConfig, "threshold"): _between(0, 1),
-    (StreamConfig, "top_k"): _between(1, 100),
-    (StreamConfig, "threads"): _between(1, 256),
-    (StreamConfig, "stall_timeout"): _positive,
-    (MqttConfig, "port"): _between(1, 65535),
-    (MqttConfig, "topic_prefix"): _topic_prefix,
-    (MqttConfig, "qos"): _between(0, 2),
-    (MqttConfig, "keepalive"): _between(5, 3600),
-    (MqttConfig, "outbox_max"): _positive,
-    (Config, "device"): _topic_safe,
-    (Config, "stats_interval"): _positive,
-}
-
-# Keys accepted in place of a mapping: ``source: /dev/video0`` means ``source: {uri: ...}``.
-SHORTHAND: dict[type, str] = {SourceConfig: "uri"}
-
-URI_SCHEMES = ("rtsp", "rtsps", "http", "https")
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
+    ``origin`` names the source in messages; ``base_dir`` anchors relative file paths (default:
+    the working directory). Every problem is collected; one ``ConfigError`` lists them all.
+    """
+    problems = Problems()
+    config = validate_config(data, problems)
+    if config is not None:
+        config = resolve_config(config, Path(base_dir or "."), problems)
+    if problems:
+        raise ConfigError(origin, problems)
+    assert config is not None
+    return config
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -273,266 +436,39 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a YAML configuration file; raises one ``ConfigError`` listing every
-    problem (YAML syntax errors with line and column)."""
-    path = Path(path)
+def read_yaml(path: Path) -> Any:
+    """A YAML file's data; one ``EdgedError`` line for a file that is missing, not a regular
+    file, larger than 1 MB, not UTF-8, not YAML (with line and column) or nested absurdly."""
     try:
+        info = path.stat()
+        if not path.is_file():
+            raise EdgedError(f"{path}: not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise EdgedError(f"{path}: {info.st_size} bytes: a configuration is at most "
+                             f"{MAX_FILE_BYTES} bytes")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise EdgedError(f"{path}: no such configuration file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise EdgedError(f"{path}: cannot read configuration: {exc}") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise EdgedError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise EdgedError(f"{path}: YAML error: {exc}") from None
+    except RecursionError:
+        raise EdgedError(f"{path}: nested too deeply to be a configuration") from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, validate and resolve a YAML configuration file; raises one ``ConfigError``
+    listing every problem (YAML syntax errors with line and column)."""
+    path = Path(path)
     # Relative paths inside the file are relative to the file, not to the working directory.
-    return parse_config(data, str(path), base_dir=path.parent)
-
-
-def parse_config(
-    data: Any, origin: str = "<config>", base_dir: str | os.PathLike[str] | None = None
-) -> Config:
-    """Validate plain data (as parsed from YAML) into a ``Config``.
-
-    ``origin`` names the source in messages; ``base_dir`` anchors relative file paths (default:
-    the working directory). Every problem is collected; one ``ConfigError`` lists them all.
-    """
-    problems: list[str] = []
-    if data is None:
-        data = {}
-    if isinstance(data, Mapping) and "device" not in data:
-        data = {**data, "device": _default_device()}
-    config = _build(Config, data, "", problems, Path(base_dir or "."))
-    if problems:
-        raise ConfigError(origin, problems)
-    assert config is not None
-    return config
-
-
-def _default_device() -> str:
-    """The host name made topic-safe: a sensible device id when the file names none."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()) or "edged"
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _build(cls: type, data: Any, path: str, problems: list[str], base: Path) -> Any:
-    """Build dataclass ``cls`` from ``data``, adding a problem line for each bad field."""
-    if cls in SHORTHAND and isinstance(data, str):
-        data = {SHORTHAND[cls]: data}
-    if not isinstance(data, Mapping):
-        expected = f"a {SHORTHAND[cls]} or a mapping" if cls in SHORTHAND else "a mapping"
-        problems.append(f"{path or '<top>'}: must be {expected}, got {_kind(data)}")
-        return None
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    # Bad fields become None and building goes on, so that every problem is reported at once
-    # (validators below tolerate None); parse_config raises if any problem was found.
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        key_path = _join(path, str(key))
-        if cls is MqttConfig and key == "password":
-            problems.append(f"{key_path}: not allowed in the file; use password_env or "
-                            "password_file")
-            continue
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            problems.append(f"{key_path}: unknown key{hint}")
-            continue
-        before = len(problems)
-        converted = _convert(hints[key], value, key_path, problems, base)
-        if len(problems) == before and converted is not None and (cls, key) in CHECKS:
-            problem = CHECKS[cls, key](converted)
-            if problem:
-                problems.append(f"{key_path}: {problem}")
-                converted = None
-        kwargs[key] = converted
-    for name, f in fields.items():
-        if name not in data and f.default is dataclasses.MISSING and (
-            f.default_factory is dataclasses.MISSING
-        ):
-            problems.append(f"{_join(path, name)}: required")
-            kwargs[name] = None
-    obj = cls(**kwargs)
-    if cls in VALIDATORS:
-        VALIDATORS[cls](obj, path, base, problems)
-    return obj
-
-
-def _convert(hint: Any, value: Any, path: str, problems: list[str], base: Path) -> Any:
-    """Check ``value`` against type ``hint`` (converting where YAML is loose: int -> float)."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (types.UnionType, typing.Union):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, path, problems, base)
-    if origin is Literal:
-        if value in args:
-            return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-        hint_text = f" (did you mean '{close[0]}'?)" if close else ""
-        problems.append(f"{path}: must be one of {', '.join(map(str, args))}{hint_text}")
-        return None
-    if origin is list:
-        if not isinstance(value, list):
-            problems.append(f"{path}: must be a list, got {_kind(value)}")
-            return None
-        return [_convert(args[0], v, f"{path}[{i}]", problems, base) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            problems.append(f"{path}: must be a mapping, got {_kind(value)}")
-            return None
-        return {
-            str(k): _convert(args[1], v, f"{path}.{k}", problems, base) for k, v in value.items()
-        }
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path, problems, base)
-    return _scalar(hint, value, path, problems)
-
-
-def _scalar(hint: type, value: Any, path: str, problems: list[str]) -> Any:
-    # bool is an int subclass in Python: never let `port: true` pass as 1.
-    if hint is bool:
-        good = isinstance(value, bool)
-    elif hint is int:
-        good = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        good = isinstance(value, int | float) and not isinstance(value, bool)
-        value = float(value) if good else value
-    elif hint is str:
-        good = isinstance(value, str) and value != ""
-    else:  # pragma: no cover - a field type this module does not know is a programming error
-        raise TypeError(f"unsupported config field type {hint!r}")
-    if not good:
-        problems.append(f"{path}: must be {_TYPE_NAMES[hint]}, got {_kind(value)}")
-        return None
-    return value
-
-
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, str):
-        return "an empty string" if value == "" else f"text {value!r}"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, int | float):
-        return repr(value)
-    return {list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checks across fields and against the file system, run on each object once its fields are valid.
-# Relative paths are made absolute against ``base`` (the configuration file's folder).
-
-
-def _check_config(config: Config, path: str, base: Path, problems: list[str]) -> None:
-    if config.streams == []:
-        problems.append("streams: at least one stream is needed")
-    seen: dict[str, int] = {}
-    for i, stream in enumerate(config.streams or []):
-        if stream is None or stream.name is None:
-            continue
-        if stream.name in seen:
-            problems.append(f"streams[{i}].name: {stream.name!r} is already used by "
-                            f"streams[{seen[stream.name]}]")
-        seen.setdefault(stream.name, i)
-    if config.model_dir is not None:
-        config.model_dir = str(base / Path(config.model_dir).expanduser())
-    if config.state_dir is not None:
-        config.state_dir = str(base / Path(config.state_dir).expanduser())
-    if not config.stdout and config.mqtt is None:
-        problems.append("mqtt: no broker and stdout is false: results would go nowhere "
-                        "(add an mqtt section or stdout: true)")
-
-
-def _check_stream(stream: StreamConfig, path: str, base: Path, problems: list[str]) -> None:
-    if stream.model is not None and ("/" in stream.model or stream.model.endswith(".onnx")):
-        # A catalog name is resolved at start; a file must exist now.
-        file = base / Path(stream.model).expanduser()
-        if not file.is_file():
-            problems.append(f"{path}.model: no such model file: {file}")
-        stream.model = str(file)
-    for label, value in (stream.thresholds or {}).items():
-        if value is not None and not 0 <= value <= 1:
-            problems.append(f"{path}.thresholds.{label}: must be 0..1")
-    region = stream.region
-    corners = region and None not in (region.x, region.y, region.width, region.height)
-    if corners and (region.x + region.width > 1.0001 or region.y + region.height > 1.0001):
-        problems.append(f"{path}.region: must lie inside the frame (x + width <= 1, "
-                        "y + height <= 1)")
-
-
-def _check_source(source: SourceConfig, path: str, base: Path, problems: list[str]) -> None:
-    uri = source.uri
-    if uri is None:
-        return
-    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", uri)
-    if scheme:
-        if scheme.group(1).lower() not in URI_SCHEMES:
-            problems.append(f"{path}.uri: unknown URI scheme {scheme.group(1)!r} "
-                            f"(use {', '.join(URI_SCHEMES)}, a device or a file)")
-    elif not (uri.isdigit() or uri.startswith("/dev/")):  # a camera may be plugged in later
-        file = base / Path(uri).expanduser()
-        if not file.exists():
-            problems.append(f"{path}.uri: no such file or folder: {file}")
-        source.uri = str(file)
-
-
-def _check_mqtt(mqtt: MqttConfig, path: str, base: Path, problems: list[str]) -> None:
-    if mqtt.password_env and mqtt.password_file:
-        problems.append(f"{path}: give password_env or password_file, not both")
-    elif mqtt.password_env:
-        mqtt.password = os.environ.get(mqtt.password_env)
-        if mqtt.password is None:
-            problems.append(f"{path}.password_env: environment variable {mqtt.password_env} "
-                            "is not set")
-    elif mqtt.password_file:
-        file = base / Path(mqtt.password_file).expanduser()
-        try:
-            # One line, like a credentials file; the trailing newline is not part of it.
-            mqtt.password = file.read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            problems.append(f"{path}.password_file: cannot read {file}: {exc.strerror}")
-    if mqtt.password is not None and not mqtt.username:
-        problems.append(f"{path}.username: required when a password is given")
-    if mqtt.outbox_dir is not None:
-        mqtt.outbox_dir = str(base / Path(mqtt.outbox_dir).expanduser())
-
-
-def _check_tls(tls: TLSConfig, path: str, base: Path, problems: list[str]) -> None:
-    for name in ("ca_file", "cert_file", "key_file"):
-        value = getattr(tls, name)
-        if value is not None:
-            file = base / Path(value).expanduser()
-            if not file.is_file():
-                problems.append(f"{path}.{name}: no such file: {file}")
-            setattr(tls, name, str(file))
-    if (tls.cert_file is None) != (tls.key_file is None):
-        problems.append(f"{path}: cert_file and key_file go together")
-
-
-VALIDATORS: dict[type, Callable[[Any, str, Path, list[str]], None]] = {
-    Config: _check_config,
-    StreamConfig: _check_stream,
-    SourceConfig: _check_source,
-    MqttConfig: _check_mqtt,
-    TLSConfig: _check_tls,
-}
+    return parse_config(read_yaml(path), str(path), base_dir=path.parent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,6 +481,25 @@ FLAG_PATHS = {
     "streams[0].threshold": "--threshold", "streams[0].name": "--name", "device": "--device",
     "mqtt.host": "--mqtt", "mqtt.port": "--mqtt", "state_dir": "--state-dir",
 }
+
+
+def split_host_port(text: str) -> tuple[str, int | None]:
+    """``HOST[:PORT]`` with IPv6 addresses bare (``::1``) or in brackets (``[::1]:1883``);
+    raises ``EdgedError`` for a port that is not a number."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise EdgedError(f"{text!r} is not HOST[:PORT] ([IPv6]:PORT)")
+        port = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:  # a host name, an IPv4 address or a bare IPv6 address
+        host, port = text, ""
+    if not port:
+        return host, None
+    if not port.isdigit():
+        raise EdgedError(f"port {port!r} is not a number (HOST[:PORT])")
+    return host, int(port)
 
 
 def single_stream_config(
@@ -567,13 +522,12 @@ def single_stream_config(
         data["state_dir"] = state_dir
     problems: list[str] = []
     if mqtt is not None:
-        host, _, port = mqtt.rpartition(":") if ":" in mqtt else (mqtt, "", "")
-        data["mqtt"] = {"host": host or mqtt}
-        if port:
-            if port.isdigit():
-                data["mqtt"]["port"] = int(port)
-            else:
-                problems.append(f"--mqtt: port {port!r} is not a number (HOST[:PORT])")
+        try:
+            host, port = split_host_port(mqtt)
+            data["mqtt"] = {"host": host} if port is None else {"host": host, "port": port}
+        except EdgedError as exc:
+            problems.append(f"--mqtt: {exc}")
+            data["mqtt"] = {}  # a broker was asked for: no "results would go nowhere" line
     try:
         config = parse_config(data, "edged run")
     except ConfigError as exc:
@@ -586,3 +540,4 @@ def single_stream_config(
 def _flag_problem(problem: str) -> str:
     path, _, message = problem.partition(": ")
     return f"{FLAG_PATHS[path]}: {message}" if path in FLAG_PATHS else problem
+

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import onnxruntime as ort
 from edged.catalog import InputSpec
 from edged.config import Task
 from edged.detection import SsdAnchorParams, generate_ssd_anchors
+from edged.domain import usable_cores
 from edged.errors import EdgedError
 
 FORMAT_VERSION = 1
@@ -64,7 +64,7 @@ def session_options(threads: int | None = None, arena: bool = True) -> ort.Sessi
     = ``threads`` or the usable cores. The CPU arena is faster but holds on to its peak memory;
     ``arena=False`` trades some speed for a smaller footprint."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    options.intra_op_num_threads = threads or usable_cores()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

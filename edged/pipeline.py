@@ -9,60 +9,45 @@ settings live.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
 from typing import Any
+
+import msgspec
 
 from edged import annotate
 from edged.config import PublishConfig, StreamConfig
-from edged.errors import EdgedError
+from edged.domain import SourceState
+from edged.errors import EdgedError, did_you_mean
 from edged.frame import Frame
 from edged.model import Model
-from edged.postprocess import (
-    Classification,
-    Detections,
-    PostprocessOptions,
-    Postprocessor,
-    TaskResult,
-)
+from edged.postprocess import Classification, Detections, Postprocessor, TaskResult
 from edged.preprocess import Preprocessor
 from edged.results import ResultBuilder, Timings
 from edged.sinks import Sink
 from edged.sources import FrameReader, redact
 from edged.stats import RateMeter, Window
+from edged.validation import check_value, describe
 
 log = logging.getLogger(__name__)
 
 # Segment results count as changed when any class's fraction moves by more than this.
 SEGMENT_CHANGE = 0.01
-
-
-@dataclass
-class Settings:
-    """What commands may change while a stream runs (copied from its ``StreamConfig``)."""
-
-    threshold: float
-    thresholds: dict[str, float]
-    fps: float | None
-    publish: PublishConfig
-    paused: bool = False
-
-    @classmethod
-    def from_config(cls, config: StreamConfig) -> Settings:
-        return cls(config.threshold, dict(config.thresholds), config.fps, replace(config.publish))
+# Seconds stop() waits for the frame in flight (a segmentation on a slow board takes seconds).
+STOP_TIMEOUT = 30.0
 
 
 class Pipeline:
     """The worker of one stream. ``start()``, ``stop()``, ``command(dict) -> reply``.
 
-    ``model`` may be shared with other pipelines (ONNX Runtime sessions are thread-safe);
-    everything else (reader, preprocess buffer, policy state) belongs to this stream.
+    ``config`` holds the stream's live settings: commands and reloads replace it whole (it is
+    immutable), and the worker reads it afresh for every frame. ``model`` may be shared with
+    other pipelines (ONNX Runtime sessions are thread-safe); everything else (reader,
+    preprocess buffer, policy state) belongs to this stream.
     """
 
     def __init__(
@@ -79,9 +64,8 @@ class Pipeline:
         self.device = device
         self.name = config.name
         self.where = where
-        self.settings = Settings.from_config(config)
-        self._post = self._postprocessor(self.settings)  # checks labels / thresholds vs model
-        self.stall_timeout = config.stall_timeout
+        self.paused = False
+        self._post = Postprocessor(model.info, config, where)  # checks labels / thresholds
         self.preprocess = Preprocessor(model.info.input, config.region)
         self.results = ResultBuilder(device, config.name, model.info.task, model.info.name)
         self.reader = FrameReader(config.source, on_state=self._on_source_state)
@@ -92,7 +76,7 @@ class Pipeline:
         self.fps = RateMeter()
         self.timings = {key: Window() for key in ("preprocess", "inference", "postprocess",
                                                   "total", "frame_age")}
-        self.source_state = "opening"
+        self.source_state = SourceState.OPENING
         self.source_detail = ""
         self._progress = time.monotonic()
         self._last_key: Any = None
@@ -110,20 +94,24 @@ class Pipeline:
         self.reader.start()
         self._thread.start()
 
-    def stop(self, timeout: float | None = None) -> None:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop the reader (its last state, "stopped", is published) and the worker.
 
-        By default waits for the frame in flight: leaving the worker inside ONNX Runtime while
-        the interpreter exits aborts the process, and its result would follow "offline"."""
+        Waits up to ``timeout`` for the frame in flight: leaving the worker inside ONNX Runtime
+        while the interpreter exits aborts the process, and its result would follow
+        "offline"."""
         self._stop.set()
         self.reader.stop()
         if self._thread.is_alive():
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("stream %s: the frame in flight did not finish within %g s",
+                            self.name, timeout)
 
     def wait_opened(self, timeout: float) -> str:
         """Wait until the source left "opening" (or ``timeout``); return its state."""
         deadline = time.monotonic() + timeout
-        while self.source_state == "opening" and time.monotonic() < deadline:
+        while self.source_state is SourceState.OPENING and time.monotonic() < deadline:
             time.sleep(0.05)
         return self.source_state
 
@@ -138,33 +126,40 @@ class Pipeline:
         Waiting is progress when the wait is explained: paused, reconnecting, ended.
         """
         now = time.monotonic() if now is None else now
-        return not self.finished and now - self._progress > self.stall_timeout
+        return not self.finished and now - self._progress > self.config.stall_timeout
 
     # -- the worker -------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # never end quietly: the status says why, the daemon exits 1
+            log.exception("stream %s: worker failed", self.name)
+            self._on_source_state(SourceState.FAILED, f"worker failed: {exc}")
+        log.debug("stream %s: worker finished", self.name)
+
+    def _loop(self) -> None:
         next_due = 0.0
         while not self._stop.is_set():
-            if self.settings.paused:
+            if self.paused:
                 self._progress = time.monotonic()  # an explained wait is progress
                 self.reader.get(timeout=0)  # discard: a paused stream does not queue frames
                 self._stop.wait(0.1)
                 continue
-            fps = self.settings.fps
+            fps = self.config.fps
             delay = next_due - time.monotonic()
             if fps and delay > 0 and self._stop.wait(delay):
                 break
             frame = self.reader.get(timeout=0.25)
             if frame is None:
                 state = self.reader.state
-                if state in ("ended", "failed", "stopped"):
+                if state.final:
                     break
-                if state != "streaming":  # opening / reconnecting: the reader is on it
+                if state is not SourceState.STREAMING:  # opening / reconnecting: reader's job
                     self._progress = time.monotonic()
                 continue
             next_due = time.monotonic() + 1.0 / fps if fps else 0.0
             self._handle(frame)
-        log.debug("stream %s: worker finished", self.name)
 
     def _handle(self, frame: Frame) -> None:
         try:
@@ -185,7 +180,7 @@ class Pipeline:
         preprocessed = time.monotonic()
         outputs = self.model.run(tensor)
         inferred = time.monotonic()
-        post, publish = self._post, self.settings.publish
+        post, publish = self._post, self._post.stream.publish
         result = post(outputs, roi)
         timings = Timings(start, preprocessed, inferred, time.monotonic())
         self.processed += 1
@@ -222,7 +217,7 @@ class Pipeline:
 
     # -- status, meta, commands --------------------------------------------------------------
 
-    def _on_source_state(self, state: str, detail: str) -> None:
+    def _on_source_state(self, state: SourceState, detail: str) -> None:
         self.source_state, self.source_detail = state, detail
         log.debug("stream %s: source %s %s", self.name, state, detail)
         self.publish_status()
@@ -231,24 +226,24 @@ class Pipeline:
         """Publish the retained status (``state`` overrides the source's, e.g. "offline")."""
         self._publish("status", {
             "state": state or self.source_state, "detail": self.source_detail,
-            "paused": self.settings.paused, "time": round(time.time(), 3),
+            "paused": self.paused, "time": round(time.time(), 3),
         }, retain=True)
 
     def meta(self) -> dict[str, Any]:
         """What this stream runs: for the retained meta topic."""
-        info = self.model.info
+        info, config = self.model.info, self.config
         return {
             "stream": self.name, "task": info.task, "model": info.name,
-            "source": redact(self.config.source.uri), "labels": list(info.labels),
+            "source": redact(config.source.uri), "labels": list(info.labels),
             "input": {"width": info.input.width, "height": info.input.height},
-            "threshold": self.settings.threshold, "thresholds": self.settings.thresholds,
-            "fps": self.settings.fps, "publish": self.settings.publish.policy,
+            "threshold": config.threshold, "thresholds": config.thresholds,
+            "fps": config.fps, "publish": config.publish.policy,
         }
 
     def stats(self) -> dict[str, Any]:
         """Counters and timings for the stats topic."""
         return {
-            "state": self.source_state, "paused": self.settings.paused,
+            "state": self.source_state, "paused": self.paused,
             "fps": round(self.fps.rate(), 2), "processed": self.processed,
             "published": self.published, "skipped": self.skipped, "errors": self.errors,
             "frames": self.reader.frames, "drops": self.reader.drops,
@@ -263,18 +258,18 @@ class Pipeline:
         try:
             with self._lock:
                 changes = parse_command(message)
-                settings = replace(self.settings, thresholds=dict(self.settings.thresholds))
+                paused, fields = self.paused, {}
                 for key, value in changes.items():
                     if key in ("pause", "resume"):
-                        settings.paused = value == (key == "pause")
+                        paused = value == (key == "pause")
                     elif key == "thresholds":
-                        settings.thresholds.update(value)
+                        fields[key] = {**self.config.thresholds, **value}
                     else:
-                        setattr(settings, key, value)
-                if dry_run:
-                    self._postprocessor(settings)  # raises as _apply would
-                else:
-                    self._apply(settings)
+                        fields[key] = value
+                config = msgspec.structs.replace(self.config, **fields)
+                post = Postprocessor(self.model.info, config, self.where)  # raises first
+                if not dry_run:
+                    self._apply(config, post, paused)
         except EdgedError as exc:
             return {"ok": False, "stream": self.name, "error": str(exc)}
         if not dry_run:
@@ -282,26 +277,16 @@ class Pipeline:
         return {"ok": True, "stream": self.name, "applied": changes}
 
     def reconfigure(self, config: StreamConfig) -> None:
-        """Take a reloaded configuration's live settings (thresholds, fps, publish); a paused
-        stream stays paused. Raises ``EdgedError`` (settings unchanged) if they do not fit the
-        model."""
+        """Take a reloaded configuration whose changes are all live settings; a paused stream
+        stays paused. Raises ``EdgedError`` (nothing changed) if they do not fit the model."""
         with self._lock:
-            settings = replace(Settings.from_config(config), paused=self.settings.paused)
-            self._apply(settings)
-            self.config = config
+            self._apply(config, Postprocessor(self.model.info, config, self.where),
+                        self.paused)
 
-    def _apply(self, settings: Settings) -> None:
-        post = self._postprocessor(settings)  # raises before anything changes
-        self._post, self.settings = post, settings
+    def _apply(self, config: StreamConfig, post: Postprocessor, paused: bool) -> None:
+        self.config, self._post, self.paused = config, post, paused
         self.publish_status()
         self._publish("meta", self.meta(), retain=True)
-
-    def _postprocessor(self, settings: Settings) -> Postprocessor:
-        options = PostprocessOptions(
-            top_k=self.config.top_k, threshold=settings.threshold,
-            thresholds=dict(settings.thresholds), labels=self.config.labels,
-            class_map=settings.publish.class_map, class_map_size=settings.publish.class_map_size)
-        return Postprocessor(self.model.info, options, where=self.where)
 
     def _publish(self, kind: str, payload: bytes | dict[str, Any], retain: bool = False) -> None:
         for sink in self.sinks:
@@ -337,31 +322,10 @@ def changed(old: Any, new: Any) -> bool:
 # Commands
 
 
-def _score(path: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise EdgedError(f"{path}: must be a number 0..1, got {value!r}")
-    return float(value)
-
-
-def _flag(path: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise EdgedError(f"{path}: must be true or false, got {value!r}")
-    return value
-
-
-def _fps(path: str, value: Any) -> float | None:
-    if value is None or value == 0:
-        return None  # no limit
-    # JSON's NaN and Infinity parse as floats; neither is a rate (nor valid JSON in the reply).
-    if (isinstance(value, bool) or not isinstance(value, int | float) or value < 0
-            or not math.isfinite(value)):
-        raise EdgedError(f"{path}: must be a number > 0 (0 or null: no limit), got {value!r}")
-    return float(value)
-
-
-COMMANDS: dict[str, Callable[[str, Any], Any]] = {
-    "pause": _flag, "resume": _flag, "threshold": _score, "fps": _fps,
-}
+# Commands change these live settings of StreamConfig, checked by the fields' own declarations,
+# and pause / resume the stream.
+SETTING_COMMANDS = ("threshold", "thresholds", "fps")
+COMMANDS = ("pause", "resume", *SETTING_COMMANDS)
 
 
 def command_all(pipelines: dict[str, Pipeline], message: Any) -> dict[str, Any]:
@@ -376,23 +340,21 @@ def command_all(pipelines: dict[str, Pipeline], message: Any) -> dict[str, Any]:
 
 
 def parse_command(message: Any) -> dict[str, Any]:
-    """Check a command message's keys and value types; raise ``EdgedError`` (one line) naming
-    the first problem. (Labels are checked against the model when the settings are applied.)"""
+    """Check a command message's keys and values (settings exactly as the configuration file
+    checks them); raise ``EdgedError`` (one line) naming the first problem. Labels are checked
+    against the model when the settings are applied."""
     if not isinstance(message, dict) or not message:
         raise EdgedError('command must be a non-empty JSON object, e.g. {"threshold": 0.4}')
     if "pause" in message and "resume" in message:
         raise EdgedError("pause and resume: give one of them, not both")
     changes: dict[str, Any] = {}
     for key, value in message.items():
-        if key == "thresholds":
-            if not isinstance(value, dict) or not value:
-                raise EdgedError("thresholds: must be an object {label: score}")
-            changes[key] = {str(label): _score(f"thresholds.{label}", score)
-                            for label, score in value.items()}
+        if key in SETTING_COMMANDS:
+            changes[key] = check_value(StreamConfig, key, value, key)
         elif key in COMMANDS:
-            changes[key] = COMMANDS[key](key, value)
+            if not isinstance(value, bool):
+                raise EdgedError(f"{key}: must be true or false, got {describe(value)}")
+            changes[key] = value
         else:
-            close = difflib.get_close_matches(str(key), [*COMMANDS, "thresholds"], n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise EdgedError(f"{key}: unknown command{hint}")
+            raise EdgedError(f"{key}: unknown command{did_you_mean(key, COMMANDS)}")
     return changes

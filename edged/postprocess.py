@@ -18,6 +18,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
+from edged.config import StreamConfig
 from edged.detection import detect, score_to_logit
 from edged.errors import EdgedError
 from edged.model import ModelInfo
@@ -179,39 +180,26 @@ def encode_class_map(class_map: np.ndarray, roi: Roi, fmt: Literal["png", "rle"]
     return {"format": fmt, "width": width, "height": height, "data": data}
 
 
-@dataclass(frozen=True)
-class PostprocessOptions:
-    """What a stream wants reported (its ``StreamConfig`` fields of the same names)."""
-
-    top_k: int = 5
-    threshold: float = 0.5
-    thresholds: dict[str, float] | None = None
-    labels: list[str] | None = None
-    class_map: Literal["none", "png", "rle"] = "none"
-    class_map_size: int = 128
-
-
 class Postprocessor:
-    """Turns one model's outputs into a ``TaskResult``; checks the options against its labels
-    once, at construction (``where`` names the configuration they came from)."""
+    """Turns one model's outputs into a ``TaskResult`` as a stream's settings ask (top_k,
+    threshold(s), labels, publish.class_map); checks them against the model's labels once, at
+    construction (``where`` names the configuration they came from)."""
 
-    def __init__(self, info: ModelInfo, options: PostprocessOptions | None = None,
-                 where: str = "stream") -> None:
+    def __init__(self, info: ModelInfo, stream: StreamConfig, where: str = "stream") -> None:
         self.info = info
-        self.options = options or PostprocessOptions()
+        self.stream = stream
         known = set(info.labels)
-        for key, names in (("labels", self.options.labels or []),
-                           ("thresholds", list(self.options.thresholds or {}))):
+        for key, names in (("labels", stream.labels or []), ("thresholds", stream.thresholds)):
             for name in names:
                 if name not in known or name in _NO_CLASS:
                     raise EdgedError(f"{where}.{key}: {name!r} is not a label of model "
                                      f"{info.name!r}")
-        allowed = set(self.options.labels) if self.options.labels else known
+        allowed = set(stream.labels) if stream.labels else known
         self._allowed = np.array([label in allowed and label not in _NO_CLASS
                                   for label in info.labels])
         if info.task == "detect":
             self._allowed[info.detect.background] = False
-            scores = np.array([(self.options.thresholds or {}).get(label, self.options.threshold)
+            scores = np.array([stream.thresholds.get(label, stream.threshold)
                                for label in info.labels])
             self._logit_thresholds = np.where(self._allowed, score_to_logit(scores), np.inf)
 
@@ -226,7 +214,7 @@ class Postprocessor:
 
     def _classify(self, logits: np.ndarray) -> Classification:
         probs = np.where(self._allowed, softmax(logits.reshape(-1)), -1.0)
-        k = min(self.options.top_k, int(self._allowed.sum()))
+        k = min(self.stream.top_k, int(self._allowed.sum()))
         top = np.argpartition(-probs, k - 1)[:k]
         top = top[np.argsort(-probs[top], kind="stable")]
         return Classification([ClassScore(self.info.labels[i], int(i), float(probs[i]))
@@ -269,7 +257,7 @@ class Postprocessor:
             for c, p, nb in zip(present, pixels, normalized, strict=True)
         ]
         encoded = None
-        if self.options.class_map != "none":
-            encoded = encode_class_map(class_map, roi, self.options.class_map,
-                                       self.options.class_map_size)
+        publish = self.stream.publish
+        if publish.class_map != "none":
+            encoded = encode_class_map(class_map, roi, publish.class_map, publish.class_map_size)
         return Segmentation(classes, class_map, roi, encoded)

@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from edged import __version__, catalog
-from edged.config import Config, StreamConfig, load_config
+from edged.config import Config, MemoryMode, StreamConfig, load_config
+from edged.domain import SourceState, usable_cores
 from edged.errors import EdgedError
 from edged.frame import Frame
 from edged.model import Model, load_model
@@ -28,7 +31,8 @@ from edged.pipeline import Pipeline, command_all
 from edged.sinks import Sink, open_sinks
 from edged.sources import FrameReader
 from edged.stats import ProcessStats
-from edged.systemd import Notifier, under_systemd
+from edged.systemd import Notifier, journal_formatter, under_systemd
+from edged.validation import reload_of
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +40,14 @@ TICK = 0.25  # seconds between checks of signals, watchdog and stats in the main
 
 
 def setup_logging(level: str = "info") -> None:
-    """Log lines on stderr; under systemd without timestamps (the journal adds its own)."""
+    """Log lines on stderr; under systemd without timestamps (the journal adds its own), and
+    with the journal's priority prefix (``<3>``) when stderr is the journal."""
     fmt = "%(levelname)s %(name)s: %(message)s"
     if not under_systemd():
         fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(journal_formatter(fmt) or logging.Formatter(fmt))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def model_path(stream: StreamConfig, model_dir: str | None) -> Path:
@@ -54,52 +61,76 @@ def model_path(stream: StreamConfig, model_dir: str | None) -> Path:
         raise EdgedError(f"{exc}{hint}") from None
 
 
-def load_models(config: Config, loaded: dict[Path, Model] | None = None) -> dict[Path, Model]:
-    """One model (one ONNX Runtime session) per distinct file; ``loaded`` ones are reused.
+@dataclass(frozen=True)
+class SessionSpec:
+    """One ONNX Runtime session: a model file with its thread count and memory mode. Streams
+    whose settings give the same spec share the session; a stream whose spec changes on reload
+    restarts on a new one."""
 
-    Streams sharing a file share its session; it gets the most threads any of them asks for.
-    Raises one ``EdgedError`` naming each stream whose model cannot be used.
-    """
-    loaded = loaded or {}
-    wanted: dict[Path, list[tuple[int, StreamConfig]]] = {}
+    path: Path
+    threads: int | None
+    memory: MemoryMode
+
+
+def session_specs(config: Config) -> dict[str, SessionSpec]:
+    """Each stream's session. Streams naming the same file share one, with the most threads any
+    of them asks for, run lean if any of them asks for it. Raises one ``EdgedError`` naming
+    each stream whose model cannot be found."""
+    paths: dict[str, Path] = {}
     problems: list[str] = []
     for i, stream in enumerate(config.streams):
         try:
-            wanted.setdefault(model_path(stream, config.model_dir), []).append((i, stream))
+            paths[stream.name] = model_path(stream, config.model_dir)
         except EdgedError as exc:
             problems.append(f"streams[{i}].model: {exc}")
-    models: dict[Path, Model] = {}
-    for path, users in wanted.items():
-        if path in loaded:
-            models[path] = loaded[path]
-        else:
-            threads = [s.threads for _, s in users if s.threads]
-            # memory plan: a shared session runs lean if any of its streams asks for it
-            modes = {s.memory or config.memory for _, s in users}
-            memory = next(m for m in ("lean", "auto", "default") if m in modes)
-            try:
-                models[path] = load_model(path, threads=max(threads) if threads else None,
-                                          memory=memory)
-            except EdgedError as exc:
-                problems.extend(f"streams[{i}].model: {exc}" for i, _ in users)
-                continue
-            log.info("model %s loaded from %s", models[path].info.name, path)
-        for i, stream in users:
-            task = models[path].info.task
-            if task != stream.task:
-                problems.append(f"streams[{i}].model: {path.name} is a {task} model but the "
-                                f"stream's task is {stream.task}")
     if problems:
         raise EdgedError("\n".join(problems))
-    return models
+    specs: dict[str, SessionSpec] = {}
+    for path in set(paths.values()):
+        users = [s for s in config.streams if paths[s.name] == path]
+        threads = [s.threads for s in users if s.threads]
+        modes = {s.memory or config.memory for s in users}
+        memory = next(m for m in ("lean", "auto", "default") if m in modes)
+        spec = SessionSpec(path, max(threads) if threads else None, memory)
+        specs.update((s.name, spec) for s in users)
+    return specs
+
+
+def load_models(config: Config, loaded: dict[SessionSpec, Model] | None = None
+                ) -> dict[str, tuple[SessionSpec, Model]]:
+    """Each stream's session spec and model; models in ``loaded`` with the same spec are
+    reused. Raises one ``EdgedError`` naming each stream whose model cannot be used."""
+    loaded = loaded or {}
+    specs = session_specs(config)
+    models: dict[SessionSpec, Model] = {}
+    problems: list[str] = []
+    for spec in dict.fromkeys(specs.values()):
+        users = [i for i, s in enumerate(config.streams) if specs[s.name] == spec]
+        if spec in loaded:
+            models[spec] = loaded[spec]
+            continue
+        try:
+            models[spec] = load_model(spec.path, threads=spec.threads, memory=spec.memory)
+        except EdgedError as exc:
+            problems.extend(f"streams[{i}].model: {exc}" for i in users)
+            continue
+        log.info("model %s loaded from %s", models[spec].info.name, spec.path)
+    for i, stream in enumerate(config.streams):
+        model = models.get(specs[stream.name])
+        if model is not None and model.info.task != stream.task:
+            problems.append(f"streams[{i}].model: {specs[stream.name].path.name} is a "
+                            f"{model.info.task} model but the stream's task is {stream.task}")
+    if problems:
+        raise EdgedError("\n".join(problems))
+    return {name: (spec, models[spec]) for name, spec in specs.items()}
 
 
 @dataclass
 class _Running:
-    """A stream as it runs: its configuration, the model file and the pipeline."""
+    """A stream as it runs: its configuration, its session and the pipeline."""
 
     config: StreamConfig
-    model: Path
+    session: SessionSpec
     pipeline: Pipeline
 
 
@@ -111,13 +142,13 @@ class Server:
         self.config = config
         self.config_path = Path(config_path) if config_path else None
         self.notifier = notifier or Notifier()
-        self.models: dict[Path, Model] = {}
+        self.models: dict[str, tuple[SessionSpec, Model]] = {}  # per stream
         self.sinks: list[Sink] = []
         self.streams: dict[str, _Running] = {}
         self.process = ProcessStats()
         self.started = time.monotonic()
         self._exit = threading.Event()
-        self._status = 0  # exit status of run(): 1 when a source's reader failed
+        self._status = 0  # exit status of run(): 1 when a stream failed
         self._reload = threading.Event()
         self._stalled: set[str] = set()
 
@@ -139,16 +170,16 @@ class Server:
                  len(self.streams))
 
     def _start_stream(self, index: int, stream: StreamConfig) -> None:
-        path = model_path(stream, self.config.model_dir)
-        pipeline = Pipeline(stream, self.models[path], self.sinks, self.config.device,
+        spec, model = self.models[stream.name]
+        pipeline = Pipeline(stream, model, self.sinks, self.config.device,
                             where=f"streams[{index}]")
         pipeline.start()
-        self.streams[stream.name] = _Running(stream, path, pipeline)
+        self.streams[stream.name] = _Running(stream, spec, pipeline)
 
     def run(self) -> int:
         """Start, serve until a signal (or until every finite source has ended), stop.
         Returns the exit status: 0 on a requested stop or when every finite source ended, 1 when
-        a source's reader failed."""
+        a stream failed (its reader or its worker broke), so that systemd restarts edged."""
         self._install_signals()
         try:
             self.start()
@@ -169,9 +200,10 @@ class Server:
                 self._reload.clear()
                 self.reload()
             if self.streams and all(r.pipeline.finished for r in self.streams.values()):
-                failed = [n for n, r in self.streams.items() if r.pipeline.source_state == "failed"]
-                if failed:  # a broken reader is a failure systemd should restart us for
-                    log.error("stopping: the reader of %s failed", ", ".join(failed))
+                failed = [n for n, r in self.streams.items()
+                          if r.pipeline.source_state is SourceState.FAILED]
+                if failed:  # a broken stream is a failure systemd should restart us for
+                    log.error("stopping: stream %s failed", ", ".join(failed))
                     self._status = 1
                 else:
                     log.info("every source has ended")
@@ -213,8 +245,15 @@ class Server:
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signals can only be handled in the main thread (e.g. tests, embedding)
-        signal.signal(signal.SIGTERM, lambda *_: self.request_exit())
-        signal.signal(signal.SIGINT, lambda *_: self.request_exit())
+
+        def on_stop(signum: int, frame: Any) -> None:
+            if self._exit.is_set():  # asked twice: the user does not want to wait
+                os.write(2, b"edged: stop asked again: exiting at once\n")
+                os._exit(128 + signum)
+            self.request_exit()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
 
     # -- health, stats ----------------------------------------------------------------------
@@ -224,7 +263,7 @@ class Server:
         stalled = {name for name, r in self.streams.items() if r.pipeline.stalled(now)}
         for name in stalled - self._stalled:
             log.error("stream %s: stalled (no progress for %.0f s): watchdog pings stop",
-                      name, self.streams[name].pipeline.stall_timeout)
+                      name, self.streams[name].pipeline.config.stall_timeout)
             self.notifier.notify(STATUS=f"stream {name} stalled")
         for name in self._stalled - stalled:
             log.info("stream %s: making progress again", name)
@@ -244,7 +283,7 @@ class Server:
             "time": round(time.time(), 3),
             "uptime": round(time.monotonic() - self.started, 1),
             "version": __version__,
-            "process": {**self.process.sample(), "cores": self.process.cores},
+            "process": {**self.process.sample(), "cores": usable_cores()},
             "streams": {name: r.pipeline.stats() for name, r in self.streams.items()},
             "sinks": [sink.stats() for sink in self.sinks],
         }
@@ -279,25 +318,25 @@ class Server:
     # -- reload -----------------------------------------------------------------------------
 
     def reload(self) -> bool:
-        """Re-read the configuration file: apply live settings, restart streams whose source
-        or model changed, add and remove streams. A bad new configuration is reported and the
-        running one kept. Returns True when the new configuration was applied."""
+        """Re-read the configuration file and apply every change: live settings to the running
+        streams, a restart with everything rebuilt for a stream whose other settings or session
+        changed, new streams started, removed ones stopped. Settings that need edged restarted
+        keep their running value, each with an error line. A bad new configuration is reported
+        and the running one kept. Returns True when the new configuration was applied."""
         if self.config_path is None:
             log.warning("reload: no configuration file to re-read (started from the "
                         "command line)")
             return False
         self.notifier.notify(RELOADING=1, STATUS="reloading")
         try:
-            new = load_config(self.config_path)
-            models = load_models(new, self.models)
+            new = self._keep_daemon_settings(load_config(self.config_path))
+            loaded = dict(self.models.values())
+            models = load_models(new, loaded)
         except EdgedError as exc:
             for line in str(exc).splitlines():
                 log.error("reload failed, keeping the running configuration: %s", line)
             self.notifier.notify(READY=1, STATUS="reload failed: configuration kept")
             return False
-        for key in ("device", "mqtt", "stdout", "state_dir"):
-            if getattr(new, key) != getattr(self.config, key):
-                log.warning("reload: %s changed: takes effect on restart", key)
         self.models = models
         wanted = {s.name: (i, s) for i, s in enumerate(new.streams)}
         for name in [n for n in self.streams if n not in wanted]:
@@ -305,7 +344,8 @@ class Server:
             self._stop_stream(name)
         for name, (i, stream) in wanted.items():
             running = self.streams.get(name)
-            if running is not None and not _needs_restart(running, stream, new):
+            reasons = running and restart_reasons(running, stream, models[name][0])
+            if running is not None and not reasons:
                 try:
                     running.pipeline.reconfigure(stream)
                     running.config = stream
@@ -314,16 +354,29 @@ class Server:
                     log.error("reload: stream %s keeps its settings: %s", name, exc)
                 continue
             if running is not None:
-                log.info("reload: stream %s restarts (source or model changed)", name)
+                log.info("reload: stream %s restarts (%s changed)", name, ", ".join(reasons))
                 self._stop_stream(name)
             try:
                 self._start_stream(i, stream)
             except EdgedError as exc:
                 log.error("reload: stream %s cannot start: %s", name, exc)
-        self.config.streams = [r.config for r in self.streams.values()]
-        self.config.stats_interval = new.stats_interval
+        self.config = msgspec.structs.replace(
+            new, streams=[r.config for r in self.streams.values()])
+        logging.getLogger().setLevel(self.config.logging.level.upper())
         self.notifier.notify(READY=1, STATUS=self._status_line())
         return True
+
+    def _keep_daemon_settings(self, new: Config) -> Config:
+        """``new`` with the running value of each setting that takes a restart of edged."""
+        kept = {}
+        for field in msgspec.structs.fields(Config):
+            name = field.name
+            if reload_of(Config, name) == "daemon" and getattr(new, name) != getattr(
+                    self.config, name):
+                log.error("reload: %s changed: it takes effect when edged restarts "
+                          "(systemctl restart edged); keeping the running value", name)
+                kept[name] = getattr(self.config, name)
+        return msgspec.structs.replace(new, **kept)
 
     def _stop_stream(self, name: str) -> None:
         running = self.streams.pop(name)
@@ -331,15 +384,17 @@ class Server:
         running.pipeline.publish_status("removed")
 
 
-def _needs_restart(running: _Running, stream: StreamConfig, config: Config) -> bool:
-    """Whether a stream's change goes beyond the live settings (thresholds, fps, publish)."""
+def restart_reasons(running: _Running, new: StreamConfig, session: SessionSpec) -> list[str]:
+    """What makes a stream restart on reload: its settings that are not live, and its session
+    (model file, threads, memory mode; also moved by top-level settings and streams that
+    share the file)."""
     old = running.config
-    return (
-        model_path(stream, config.model_dir) != running.model
-        or (old.source, old.task, old.region, old.labels, old.top_k, old.threads)
-        != (stream.source, stream.task, stream.region, stream.labels, stream.top_k,
-            stream.threads)
-    )
+    reasons = [f.name for f in msgspec.structs.fields(StreamConfig)
+               if reload_of(StreamConfig, f.name) != "live"
+               and getattr(old, f.name) != getattr(new, f.name)]
+    if session != running.session and not reasons:
+        reasons.append("session")
+    return reasons
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +409,7 @@ def check(config: Config, out: Any = sys.stdout) -> int:
     inference on a real frame and print a capacity estimate. Returns 0, or 1 on any problem."""
     problems: list[str] = []
     try:
-        models = load_models(config)
+        models = {name: model for name, (_, model) in load_models(config).items()}
     except EdgedError as exc:
         problems.extend(str(exc).splitlines())
         models = {}
@@ -362,10 +417,7 @@ def check(config: Config, out: Any = sys.stdout) -> int:
     for i, stream in enumerate(config.streams):
         where = f"streams[{i}]"
         frame, fps = _first_frame(stream, where, problems)
-        try:
-            model = models.get(model_path(stream, config.model_dir))
-        except EdgedError:
-            model = None  # already reported by load_models
+        model = models.get(stream.name)  # None: reported by load_models
         if frame is None or model is None:
             continue
         try:
@@ -383,7 +435,7 @@ def check(config: Config, out: Any = sys.stdout) -> int:
         height, width = frame.image.shape[:2]
         print(f"ok   {stream.name}: {model.info.task} with {model.info.name}, {width}x{height} "
               f"frames, {ms:.1f} ms per frame", file=out)
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     load = sum(ms * rate for _, _, ms, rate in rows) / 1000
     if rows:  # no stream got as far as a timed inference: no estimate to give
         print(f"capacity: {' + '.join(f'{ms:.1f} ms x {rate:g} fps' for _, _, ms, rate in rows)}"

@@ -21,6 +21,7 @@ backoff, paces or hands over file frames, and reports each state change
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import statistics
@@ -30,22 +31,16 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
 
 from edged.config import SourceConfig
+from edged.domain import SourceKind, SourceState, is_image_file, source_kind
 from edged.errors import EdgedError
 from edged.frame import Frame
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".webp", ".tif", ".tiff",
-    ".pbm", ".pgm", ".ppm", ".pnm", ".pxm", ".sr", ".ras", ".jp2", ".hdr", ".pic", ".avif",
-})
-NETWORK_SCHEMES = frozenset({"rtsp", "rtsps", "http", "https"})
 
 BACKOFF_START = 0.5  # seconds before the first reopen; doubles up to SourceConfig.reconnect_max
 FPS_WINDOW = 25  # frames over which the current frame rate is measured
@@ -54,7 +49,7 @@ DECODE_AHEAD = 1.5  # frame periods before the consumer's expected take that fra
 REPEAT_STRIDE = 8  # pixel step of the sample that detects a frozen (repeating) live source
 STOP_JOIN_MARGIN = 2.0  # seconds beyond a blocking open/read that stop() waits for the thread
 
-StateCallback = Callable[[str, str], None]
+StateCallback = Callable[[SourceState, str], None]
 
 
 def redact(uri: str) -> str:
@@ -225,7 +220,7 @@ class FolderCapture(Capture):
     def _paths(self) -> list[Path]:
         folder = Path(self.uri)
         return sorted(path for path in folder.iterdir()
-                      if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
+                      if is_image_file(path) and path.is_file())
 
     def open(self) -> str:
         try:
@@ -291,32 +286,21 @@ def make_capture(config: SourceConfig) -> Capture:
     Raises EdgedError naming the URI. The daemon's ``check`` calls this; ``FrameReader.start``
     does too. Cameras and streams are not contacted here: they may come up later.
     """
-    uri = str(config.uri).strip()
-    if not uri:
-        raise EdgedError("source: the uri is empty")
-    if "://" in uri:
-        scheme = uri.split("://", 1)[0].lower()
-        if scheme not in NETWORK_SCHEMES:
-            raise EdgedError(f"{redact(uri)}: unknown source scheme '{scheme}://' (use rtsp://, "
-                             "http:// or https:// (MJPEG), /dev/videoN, a file or a folder)")
-        try:
-            parts = urlsplit(uri)
-            parts.port  # noqa: B018 (parsing the port is the check)
-        except ValueError as exc:
-            raise EdgedError(f"{redact(uri)}: bad URL ({exc})") from None
-        if not parts.hostname:
-            raise EdgedError(f"{redact(uri)}: the URL has no host")
+    uri = config.uri
+    try:
+        kind = source_kind(uri)
+    except EdgedError as exc:
+        raise EdgedError(f"{redact(uri)}: {exc}") from None
+    if kind is SourceKind.NETWORK:
         return NetworkCapture(uri, config.open_timeout, config.read_timeout)
-    if uri.isdigit() or uri.startswith("/dev/"):
-        if config.fourcc is not None and len(config.fourcc) != 4:
-            raise EdgedError(f"{uri}: fourcc must be 4 characters, got {config.fourcc!r}")
+    if kind is SourceKind.CAMERA:
         return V4L2Capture(uri, config)
     path = Path(uri).expanduser()
     if path.is_dir():
         capture: Capture = FolderCapture(str(path))
     elif not path.exists():
         raise EdgedError(f"{uri}: no such file or folder")
-    elif path.suffix.lower() in IMAGE_SUFFIXES:
+    elif is_image_file(path):
         capture = ImageCapture(str(path))
     else:
         capture = VideoFileCapture(str(path))
@@ -354,7 +338,7 @@ class FrameReader:
 
     def __init__(self, config: SourceConfig, on_state: StateCallback | None = None) -> None:
         self.config = config
-        self.state = "stopped"
+        self.state = SourceState.STOPPED
         self.detail = ""  # what the current state is about: the stream's format, the error
         self.frames = 0  # frames read and not found bad; the next frame's index
         self.drops = 0  # frames the consumer never got: not decoded, or overwritten untaken
@@ -376,7 +360,7 @@ class FrameReader:
         """Frames per second read from the source, over the last few frames (0 when not
         streaming or before the second frame; ``source_fps`` is the declared rate)."""
         times = list(self._times)
-        if self.state != "streaming" or len(times) < 2 or times[-1] <= times[0]:
+        if self.state is not SourceState.STREAMING or len(times) < 2 or times[-1] <= times[0]:
             return 0.0
         return (len(times) - 1) / (times[-1] - times[0])
 
@@ -390,7 +374,7 @@ class FrameReader:
         """Check the source (EdgedError if it can never work) and start reading."""
         assert self._thread is None, "a FrameReader starts once"
         capture = make_capture(self.config)
-        self._set_state("opening", redact(capture.uri))
+        self._set_state(SourceState.OPENING, redact(capture.uri))
         self._thread = threading.Thread(target=self._run, args=(capture,),
                                         name=f"reader {redact(capture.uri)}", daemon=True)
         self._thread.start()
@@ -403,7 +387,7 @@ class FrameReader:
         if self._thread is not None:
             self._thread.join(max(self.config.open_timeout, self.config.read_timeout)
                               + STOP_JOIN_MARGIN)
-        self._set_state("stopped")
+        self._set_state(SourceState.STOPPED)
 
     def get(self, timeout: float) -> Frame | None:
         """The newest frame not yet returned, waiting up to ``timeout`` seconds for one;
@@ -413,7 +397,7 @@ class FrameReader:
             try:
                 while self._slot is None:
                     remaining = deadline - time.monotonic()
-                    if self.state in ("ended", "failed", "stopped") or remaining <= 0:
+                    if self.state.final or remaining <= 0:
                         return None
                     self._waiting = True
                     self._cond.wait(remaining)
@@ -426,10 +410,11 @@ class FrameReader:
 
     # -- the reader thread --------------------------------------------------------------------
 
-    def _set_state(self, state: str, detail: str = "") -> None:
+    def _set_state(self, state: SourceState, detail: str = "") -> None:
         """Record a state change and report it; a stopped reader stays stopped."""
         with self._cond:
-            if state == self.state or (self.state == "stopped" and state != "opening"):
+            if state is self.state or (self.state is SourceState.STOPPED
+                                       and state is not SourceState.OPENING):
                 return
             self.state, self.detail = state, detail
             self._cond.notify_all()
@@ -450,7 +435,7 @@ class FrameReader:
                     outcome, detail = "lost", str(exc)
                 else:
                     self.source_fps = capture.fps
-                    self._set_state("streaming", description)
+                    self._set_state(SourceState.STREAMING, description)
                     before = self.frames
                     outcome, detail = self._pump(capture)
                     capture.close()
@@ -458,19 +443,19 @@ class FrameReader:
                         backoff = BACKOFF_START
                     if outcome == "end":
                         if not self.config.loop or self.frames == before:
-                            self._set_state("ended", detail)
+                            self._set_state(SourceState.ENDED, detail)
                             return
                         continue
                 if outcome == "stop":
                     return
-                self._set_state("reconnecting", detail)
+                self._set_state(SourceState.RECONNECTING, detail)
                 if self._stopping.wait(backoff):
                     return
                 backoff = min(backoff * 2, self.config.reconnect_max)
                 self.reconnects += 1
         except Exception as exc:  # never die silently: the daemon sees the state
             log.exception("source %s: reader failed", redact(self.config.uri))
-            self._set_state("failed", f"reader failed: {exc}")
+            self._set_state(SourceState.FAILED, f"reader failed: {exc}")
         finally:
             capture.close()
 
@@ -491,7 +476,8 @@ class FrameReader:
                 grabbed = capture.grab()
             except cv2.error as exc:
                 return _read_failed(capture, exc)
-            now = time.monotonic()
+            # The frame's time is its grab: decoding is part of the latency results report.
+            now, wall = time.monotonic(), time.time()
             if not grabbed:
                 return ("end", "end of source") if capture.finite else ("lost", "stream ended")
             # After a stalled read FFmpeg hands out old decoder frames: the stream is dead.
@@ -501,7 +487,7 @@ class FrameReader:
                 due = max(due + period, now - period)  # late frames do not cause a burst
                 if self._stopping.wait(max(0.0, due - now)):
                     break
-                now = time.monotonic()
+                now, wall = time.monotonic(), time.time()
             self._times.append(now)
             # After an unusable frame every frame is decoded until one is usable again.
             if not wait and bad_since is None and not self._wanted(now):
@@ -529,7 +515,7 @@ class FrameReader:
                 elif now - last_new > read_timeout:
                     return "lost", f"the same frame for {read_timeout:g} s"
                 previous = sample
-            self._put(image, wait)
+            self._put(Frame(image=image, index=0, wall_time=wall, mono_time=now), wait)
         return "stop", ""
 
     def _wanted(self, now: float) -> bool:
@@ -542,9 +528,9 @@ class FrameReader:
             takes, times = list(self._takes), list(self._times)
         return now + DECODE_AHEAD * _median_gap(times) >= takes[-1] + _median_gap(takes)
 
-    def _put(self, image: np.ndarray, wait: bool) -> None:
+    def _put(self, frame: Frame, wait: bool) -> None:
         """Hand a frame to the consumer (waiting for the slot if ``wait``), dropping the
-        untaken one otherwise."""
+        untaken one otherwise; the frame gets its index here."""
         with self._cond:
             while wait and self._slot is not None and not self._stopping.is_set():
                 self._cond.wait()
@@ -552,8 +538,7 @@ class FrameReader:
                 return
             if self._slot is not None:
                 self.drops += 1
-            self._slot = Frame(image=image, index=self.frames, wall_time=time.time(),
-                               mono_time=time.monotonic())
+            self._slot = dataclasses.replace(frame, index=self.frames)
             self.frames += 1
             self.decoded += 1
             self._cond.notify_all()

@@ -22,7 +22,6 @@ class ProcessStats:
     def __init__(self) -> None:
         self._last_cpu = time.process_time()
         self._last_wall = time.monotonic()
-        self.cores = os.cpu_count() or 1
 
     def sample(self) -> dict[str, float | None | dict[str, float]]:
         """One reading; ``cpu_percent`` is of one core (200 = two cores busy)."""

@@ -72,3 +72,36 @@ def under_systemd(environ: dict[str, str] | None = None) -> bool:
     ``Type=notify``: then log lines need no timestamps (the journal adds its own)."""
     env = os.environ if environ is None else environ
     return bool(env.get("JOURNAL_STREAM") or env.get("NOTIFY_SOCKET"))
+
+
+# syslog priorities of Python's levels: what ``journalctl -p`` filters on.
+_PRIORITIES = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
+               logging.DEBUG: 7}
+
+
+class _JournalFormatter(logging.Formatter):
+    """Prefixes each line with ``<N>``, its syslog priority, which the journal reads from a
+    service's stderr (``SyslogLevelPrefix=``, on by default)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = next((p for level, p in sorted(_PRIORITIES.items(), reverse=True)
+                         if record.levelno >= level), 7)
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+
+
+def stderr_is_journal(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether stderr is connected to the journal: ``JOURNAL_STREAM`` (``device:inode``) names
+    the stream systemd set up, and stderr is still that stream (not redirected since)."""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    try:
+        info = os.fstat(2)
+    except OSError:
+        return False
+    return device.isdigit() and inode.isdigit() and (info.st_dev, info.st_ino) == (
+        int(device), int(inode))
+
+
+def journal_formatter(fmt: str) -> logging.Formatter | None:
+    """A formatter with journal priority prefixes when stderr is the journal, else None."""
+    return _JournalFormatter(fmt) if stderr_is_journal() else None

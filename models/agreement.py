@@ -23,9 +23,10 @@ from typing import Any
 import cv2
 import numpy as np
 
+from edged.config import standalone_stream
 from edged.errors import EdgedError
 from edged.model import Model, load_model
-from edged.postprocess import Detection, PostprocessOptions, Postprocessor, softmax
+from edged.postprocess import Detection, Postprocessor, softmax
 
 Frame = tuple[str, np.ndarray]  # (name, BGR uint8 image)
 
@@ -183,8 +184,9 @@ def compare_models(reference: Model, candidate: Model, frames: Sequence[Frame],
                              f"where {reference_name}'s top two are >= {TIE_MARGIN} apart), max "
                              f"probability change {max(changes):.3f}")
     elif info.task == "detect":
-        post_a = Postprocessor(info, PostprocessOptions(threshold=DETECT_THRESHOLD))
-        post_b = Postprocessor(candidate.info, PostprocessOptions(threshold=DETECT_THRESHOLD))
+        settings = standalone_stream("detect", threshold=DETECT_THRESHOLD)
+        post_a = Postprocessor(info, settings)
+        post_b = Postprocessor(candidate.info, settings)
         total = matched = 0
         changes, missed = [0.0], []
         for name, ((a, roi), (b, _)) in zip(names, pairs, strict=True):

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import skimage.data
+from helpers import stream_settings
 
 from edged.annotate import (
     annotate_detections,
@@ -19,14 +20,14 @@ from edged.annotate import (
 )
 from edged.config import RegionConfig
 from edged.model import load_model
-from edged.postprocess import Detections, PostprocessOptions, Postprocessor, Segmentation
+from edged.postprocess import Detections, Postprocessor, Segmentation
 from edged.preprocess import Preprocessor
 
 
 def _run(model_path: Path, image: np.ndarray, region: RegionConfig | None = None):
     model = load_model(model_path)
     tensor, roi = Preprocessor(model.info.input, region)(image)
-    return Postprocessor(model.info, PostprocessOptions(threshold=0.3))(model.run(tensor), roi)
+    return Postprocessor(model.info, stream_settings(threshold=0.3))(model.run(tensor), roi)
 
 
 @pytest.fixture(scope="module")

@@ -63,9 +63,9 @@ def test_every_problem_is_reported_with_its_path(tmp_path: Path) -> None:
         "mqtt": {"host": "broker", "port": 70000, "qos": 3},
         "stdot": True,
     })
+    # Validation's problems first, then those of files and secrets (the resolve step).
     assert found == [
         "streams[1].source.fsp: unknown key (did you mean 'fps'?)",
-        f"streams[1].source.uri: no such file or folder: {tmp_path / 'missing.mp4'}",
         "streams[2].name: 'bad name' is not topic-safe (use letters, digits, '_', '-', '.')",
         "streams[2].task: must be one of classify, detect, segment (did you mean 'detect'?)",
         "streams[2].threshold: must be 0..1",
@@ -74,13 +74,14 @@ def test_every_problem_is_reported_with_its_path(tmp_path: Path) -> None:
         "mqtt.qos: must be 0..2",
         "stdot: unknown key (did you mean 'stdout'?)",
         "streams[1].name: 'cam' is already used by streams[0]",
+        f"streams[1].source.uri: no such file or folder: {tmp_path / 'missing.mp4'}",
     ]
 
 
 def test_error_message_is_one_line_per_problem_with_the_origin() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config({"streams": [stream(fps=0)], "mqtt": {"port": 0}}, "site.yaml")
-    assert str(info.value).splitlines() == ["site.yaml: streams[0].fps: must be > 0",
+    assert str(info.value).splitlines() == ["site.yaml: streams[0].fps: must be 0.001..1000",
                                             "site.yaml: mqtt.port: must be 1..65535"]
     assert isinstance(info.value, EdgedError)
 
@@ -186,9 +187,9 @@ def test_command_line_problems_name_the_flags(tmp_path: Path) -> None:
                              threshold=2.0, fps=-1)
     assert info.value.problems == [
         "--mqtt: port 'abc' is not a number (HOST[:PORT])",
-        f"--source: no such file or folder: {tmp_path / 'none.mp4'}",
-        "--fps: must be > 0",
+        "--fps: must be 0.001..1000",
         "--threshold: must be 0..1",
+        f"--source: no such file or folder: {tmp_path / 'none.mp4'}",
     ]
 
 

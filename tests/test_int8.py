@@ -12,12 +12,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from helpers import stream_settings
 from onnx import numpy_helper
 
 from edged.cli import main
 from edged.errors import EdgedError
 from edged.model import load_model
-from edged.postprocess import PostprocessOptions, Postprocessor
+from edged.postprocess import Postprocessor
 from edged.preprocess import Preprocessor
 from models.agreement import (
     agreement_report,
@@ -224,7 +225,7 @@ def test_float_checkpoint_calibrated_on_clip_frames(converted_model, weights_dir
     model = load_model(out)
     astronaut = dict(photo_frames())["astronaut"]
     tensor, roi = Preprocessor(model.info.input)(astronaut)
-    found = Postprocessor(model.info, PostprocessOptions(threshold=0.5))(model.run(tensor), roi)
+    found = Postprocessor(model.info, stream_settings(threshold=0.5))(model.run(tensor), roi)
     assert [d.label for d in found.detections][:1] == ["person"]
     assert found.detections[0].score > 0.7
 

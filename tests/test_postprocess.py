@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 import skimage.data
+from helpers import stream_settings
 
 from edged.catalog import InputSpec
 from edged.config import RegionConfig
@@ -22,7 +23,6 @@ from edged.errors import EdgedError
 from edged.frame import Frame
 from edged.model import Model, ModelInfo, load_model
 from edged.postprocess import (
-    PostprocessOptions,
     Postprocessor,
     Segmentation,
     TaskResult,
@@ -43,7 +43,7 @@ def infer(model: Model, image: np.ndarray, region: RegionConfig | None = None,
           **options: object) -> TaskResult:
     """One frame through preprocess, the session and postprocess."""
     tensor, roi = Preprocessor(model.info.input, region)(image)
-    post = Postprocessor(model.info, PostprocessOptions(**options))
+    post = Postprocessor(model.info, stream_settings(**options))
     return post(model.run(tensor), roi)
 
 
@@ -92,9 +92,9 @@ def test_classify_allow_list(classifier: Model) -> None:
 def test_unknown_labels_are_config_errors(classifier: Model, detector: Model) -> None:
     with pytest.raises(EdgedError, match=r"streams\[0\]\.labels: 'kitten' is not a label of "
                                          "model 'mobilenet_v2_imagenet'"):
-        Postprocessor(classifier.info, PostprocessOptions(labels=["kitten"]), "streams[0]")
+        Postprocessor(classifier.info, stream_settings(labels=["kitten"]), "streams[0]")
     with pytest.raises(EdgedError, match=r"thresholds: 'n/a' is not a label"):
-        Postprocessor(detector.info, PostprocessOptions(thresholds={"n/a": 0.2}))
+        Postprocessor(detector.info, stream_settings(thresholds={"n/a": 0.2}))
 
 
 # -- detect -----------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def test_segment_statistics_on_a_known_map() -> None:
     class_map[20:, :8] = 3
     class_map[rng.integers(0, 30, 10), rng.integers(0, 40, 10)] = 3  # scattered pixels
     roi = Roi.from_region(RegionConfig(x=0.5, y=0.0, width=0.5, height=0.5), 400, 200)
-    result = Postprocessor(SEG_INFO)({"labels": class_map[None]}, roi)
+    result = Postprocessor(SEG_INFO, stream_settings())({"labels": class_map[None]}, roi)
     assert isinstance(result, Segmentation)
     assert [c.label for c in result.classes] == sorted(
         ["background", "cat", "person"], key=lambda lb: -(class_map == SEG_INFO.labels.index(lb))
@@ -196,14 +196,15 @@ def test_segment_statistics_on_a_known_map() -> None:
         grid = np.array([xs.min() / 40, ys.min() / 30, (xs.max() + 1) / 40, (ys.max() + 1) / 30])
         np.testing.assert_allclose(item.box, grid * [200, 100, 200, 100] + [200, 0, 200, 0])
         np.testing.assert_allclose(item.box_norm, np.divide(item.box, [400, 200, 400, 200]))
-    only = Postprocessor(SEG_INFO, PostprocessOptions(labels=["cat"]))({"labels": class_map},
+    only = Postprocessor(SEG_INFO, stream_settings(labels=["cat"]))({"labels": class_map},
                                                                       roi)
     assert [c.label for c in only.classes] == ["cat"]
 
 
 def test_segment_class_beyond_the_labels_is_an_error() -> None:
     with pytest.raises(EdgedError, match="model 'synthetic' output class 7, but it has only 4"):
-        Postprocessor(SEG_INFO)({"labels": np.full((1, 30, 40), 7)}, Roi.full(40, 30))
+        Postprocessor(SEG_INFO, stream_settings("segment"))(
+            {"labels": np.full((1, 30, 40), 7)}, Roi.full(40, 30))
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 17), (9, 13), (64, 48)])

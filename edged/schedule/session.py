@@ -17,7 +17,6 @@ target machine.
 from __future__ import annotations
 
 import functools
-import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import onnxruntime as ort
 
+from edged.domain import usable_cores
 from edged.errors import EdgedError, first_line
 
 if TYPE_CHECKING:  # the daemon imports this module for its options only: no onnx there
@@ -43,7 +43,7 @@ def lean_session_options(threads: int | None = None) -> ort.SessionOptions:
     options.enable_cpu_mem_arena = False
     options.enable_mem_pattern = False
     options.enable_mem_reuse = False
-    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    options.intra_op_num_threads = threads or usable_cores()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     return options
@@ -65,7 +65,7 @@ def optimize_offline(model: onnx.ModelProto, threads: int | None = None) -> onnx
     """The model as ONNX Runtime's optimizer (``ORT_ENABLE_ALL``) saves it on this machine."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    options.intra_op_num_threads = threads or usable_cores()
     options.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="edged-optimize-") as tmp:
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")

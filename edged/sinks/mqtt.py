@@ -80,11 +80,7 @@ class MqttSink:
         if config.username is not None:
             client.username_pw_set(config.username, config.password)
         if config.tls is not None:
-            tls = config.tls
-            for name in ("ca_file", "cert_file", "key_file"):
-                path = getattr(tls, name)
-                if path is not None and not os.path.isfile(path):
-                    raise EdgedError(f"mqtt.tls.{name}: no such file: {path}")
+            tls = config.tls  # its files were checked when the configuration was resolved
             try:
                 client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file,
                                keyfile=tls.key_file)
@@ -151,7 +147,7 @@ class MqttSink:
         self._stop.set()
         self._kick.set()
         if self._sender is not None:
-            self._sender.join()
+            self._sender.join(timeout)
         if self._connected:
             info = self._client.publish(self.availability_topic, "offline", qos=1, retain=True)
             # Losing the connection meanwhile is fine: the broker then sends the will instead.

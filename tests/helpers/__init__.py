@@ -6,6 +6,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from edged.config import StreamConfig, standalone_stream
+
 
 def wait_notified(cond: threading.Condition, predicate: Callable[[], bool],
                   timeout: float) -> bool:
@@ -19,3 +21,12 @@ def wait_notified(cond: threading.Condition, predicate: Callable[[], bool],
                 return False
             cond.wait(min(remaining, 0.1))
         return True
+
+
+
+def stream_settings(task: str = "detect", **settings: object) -> StreamConfig:
+    """A stream's settings checked as a deployment file's would be; ``class_map`` and
+    ``class_map_size`` go to its ``publish`` section."""
+    publish = {key: settings.pop(key) for key in ("class_map", "class_map_size")
+               if key in settings}
+    return standalone_stream(task, **settings, **({"publish": publish} if publish else {}))

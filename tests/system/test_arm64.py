@@ -53,15 +53,17 @@ def _probe(request: dict) -> None:
 
     import numpy as np
 
+    from edged.config import standalone_stream
     from edged.model import load_model
-    from edged.postprocess import PostprocessOptions, Postprocessor
+    from edged.postprocess import Postprocessor
     from edged.preprocess import Preprocessor
 
     results = {}
     for name, path in request["models"].items():
         model = load_model(path)
         preprocess = Preprocessor(model.info.input)
-        postprocess = Postprocessor(model.info, PostprocessOptions(threshold=request["threshold"]))
+        settings = standalone_stream(model.info.task, threshold=request["threshold"])
+        postprocess = Postprocessor(model.info, settings)
         frames = []
         for i, frame_path in enumerate(request["frames"]):
             tensor, roi = preprocess(np.load(frame_path))
