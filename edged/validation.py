@@ -276,18 +276,20 @@ def settings_table(cls: type[Section]) -> str:
         info = mi.type_info(f.type)
         description = info.extra_json_schema.get("description", "") \
             if isinstance(info, mi.Metadata) and info.extra_json_schema else ""
-        rows.append(f"| `{f.name}` | {_type_text(info)} | {_default_text(f)} | "
+        rows.append(f"| `{f.name}` | {_type_text(info, f.type)} | {_default_text(f)} | "
                     f"{reload_of(cls, f.name)} | {description} |")
     return "\n".join(rows)
 
 
-def _type_text(info: Any) -> str:
+def _type_text(info: Any, tp: Any) -> str:
+    """How the reference names a type: ``number 0..1``, ``list of string``, ``mapping``."""
     if isinstance(info, mi.Metadata):
-        return _type_text(info.type)
+        return _type_text(info.type, tp)
     if isinstance(info, mi.UnionType):
-        return " or ".join(_type_text(t) for t in info.types if not isinstance(t, mi.NoneType))
+        return " or ".join(_type_text(t, tp) for t in info.types
+                           if not isinstance(t, mi.NoneType))
     if isinstance(info, mi.LiteralType):
-        return ", ".join(f"`{v}`" for v in info.values)
+        return ", ".join(f"`{v}`" for v in _literal_values(tp))
     if isinstance(info, mi.IntType | mi.FloatType):
         kind = "integer" if isinstance(info, mi.IntType) else "number"
         has_bounds = any(b is not None for b in (info.ge, info.gt, info.le, info.lt))
@@ -296,10 +298,19 @@ def _type_text(info: Any) -> str:
         section = info.cls
         return f"{section.shorthand} or a mapping" if section.shorthand else "mapping"
     if isinstance(info, mi.ListType):
-        return f"list of {_type_text(info.item_type)}"
+        return f"list of {_type_text(info.item_type, tp)}"
     if isinstance(info, mi.DictType):
-        return f"mapping to {_type_text(info.value_type)}"
+        return f"mapping to {_type_text(info.value_type, tp)}"
     return {mi.BoolType: "true/false", mi.StrType: "string"}.get(type(info), type(info).__name__)
+
+
+def _literal_values(tp: Any) -> tuple[Any, ...]:
+    """The values of the first ``Literal`` inside ``tp``, in declaration order."""
+    inner, _ = _unwrap(tp)
+    if typing.get_origin(inner) is Literal:
+        return typing.get_args(inner)
+    return next((values for arg in typing.get_args(inner) if (values := _literal_values(arg))),
+                ())
 
 
 def _default_text(field: msgspec.structs.FieldInfo) -> str:

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import jsonschema
 import pytest
+import yaml
 
+from edged.cli import main
 from edged.config import (
     ConfigError,
     SourceConfig,
+    config_reference,
+    config_schema,
     load_config,
     parse_config,
+    resolve_config,
     single_stream_config,
+    validate_config,
 )
 from edged.errors import EdgedError
+from edged.validation import Problems
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -198,3 +207,80 @@ def test_command_line_defaults() -> None:
     assert config.stdout and config.mqtt is None  # no broker: results on stdout
     config = single_stream_config("classify", "/dev/video0", mqtt="10.0.0.2:1884")
     assert (config.mqtt.host, config.mqtt.port, config.stdout) == ("10.0.0.2", 1884, False)
+
+
+def test_schema_file_is_what_edged_config_schema_prints(capsys: pytest.CaptureFixture) -> None:
+    assert main(["config", "schema"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == config_schema()
+    assert json.loads((REPO / "config" / "edged.schema.json").read_text()) == printed, \
+        "config/edged.schema.json is stale: edged config schema > config/edged.schema.json"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "config").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_deployments_carry_and_match_the_schema(path: Path) -> None:
+    text = path.read_text()
+    assert "# yaml-language-server: $schema=edged.schema.json\n" in text
+    jsonschema.validate(yaml.safe_load(text), config_schema())
+
+
+@pytest.mark.parametrize(("data", "where"), [
+    ({"streams": [stream(fps=0)]}, ["streams", 0, "fps"]),
+    ({"streams": [stream(source={"uri": "/dev/video0", "fourcc": "MJPEG"})]},
+     ["streams", 0, "source", "fourcc"]),
+    ({"streams": [stream()], "mqtt": {"password": "x"}}, ["mqtt"]),
+    ({"streams": [stream(name="a b")]}, ["streams", 0, "name"]),
+    ({"streams": [stream()], "stdot": True}, []),
+])
+def test_schema_refuses_what_the_loader_refuses(data: dict, where: list) -> None:
+    """Editors flag the same mistakes ``edged run`` does (a sample of them)."""
+    assert problems({"stdout": True, **data})
+    with pytest.raises(jsonschema.ValidationError) as info:
+        jsonschema.validate({"stdout": True, **data}, config_schema())
+    assert list(info.value.absolute_path)[:len(where)] == where
+
+
+def test_reference_tables_in_the_docs_are_generated() -> None:
+    docs = (REPO / "docs" / "config.md").read_text()
+    assert config_reference() in docs, "docs/config.md: paste the output of `edged config docs`"
+
+
+def test_config_file_that_is_not_a_regular_file_or_too_large(tmp_path: Path) -> None:
+    with pytest.raises(EdgedError, match=r"^/dev/zero: not a regular file$"):
+        load_config("/dev/zero")
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (1 << 20) + "\n")
+    with pytest.raises(EdgedError, match=r"big.yaml: 1048579 bytes: a configuration is at most"):
+        load_config(big)
+
+
+@pytest.mark.parametrize("text", ["[" * 5000 + "]" * 5000, "a:\n" + "".join(
+    " " * i + "a:\n" for i in range(1, 2000))])
+def test_absurdly_nested_yaml_is_one_line(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text(text)
+    with pytest.raises(EdgedError) as info:
+        load_config(path)
+    assert "\n" not in str(info.value) and str(info.value).startswith(str(path))
+
+
+@pytest.mark.parametrize(("flag", "host", "port"), [
+    ("[::1]:1884", "::1", 1884), ("::1", "::1", 1883), ("[fe80::1]", "fe80::1", 1883),
+    ("broker.local:1885", "broker.local", 1885), ("10.0.0.2", "10.0.0.2", 1883)])
+def test_mqtt_flag_takes_ipv6_hosts(flag: str, host: str, port: int) -> None:
+    config = single_stream_config("classify", "/dev/video0", mqtt=flag)
+    assert (config.mqtt.host, config.mqtt.port) == (host, port)
+
+
+def test_validation_has_no_side_effects(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Declared vs resolved: validating reads no environment and no file; resolving does."""
+    monkeypatch.setenv("EDGED_TEST_PW", "hunter2")
+    data = {"streams": [stream(source="clips/a.mp4")], "mqtt": {
+        "username": "u", "password_env": "EDGED_TEST_PW"}}
+    found = Problems()
+    declared = validate_config(data, found)
+    assert not found
+    assert declared.mqtt.password is None and declared.streams[0].source.uri == "clips/a.mp4"
+    resolved = resolve_config(declared, tmp_path, found)
+    assert resolved.mqtt.password == "hunter2" and declared.mqtt.password is None
+    assert found == [f"streams[0].source.uri: no such file or folder: {tmp_path}/clips/a.mp4"]
