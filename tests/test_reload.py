@@ -23,6 +23,7 @@ from edged.server import Server
 from edged.validation import reload_of
 
 Running = Any  # the server's running stream (server.streams[name])
+TABBY = "tabby, tabby cat"  # an ImageNet label
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +102,9 @@ STREAM_CASES: dict[str, tuple[Change, Shows]] = {
     "fps": (stream_change("fps", 2.5), lambda s, _: cam(s).pipeline.config.fps == 2.5),
     "threshold": (stream_change("threshold", 0.25),
                   lambda s, _: cam(s).pipeline.meta()["threshold"] == 0.25),
-    "thresholds": (stream_change("thresholds", {"tabby, tabby cat": 0.9}),
-                   lambda s, _: cam(s).pipeline._post.stream.thresholds == {"tabby, tabby cat": 0.9}),
-    "labels": (stream_change("labels", ["tabby, tabby cat", "tiger cat"]),
+    "thresholds": (stream_change("thresholds", {TABBY: 0.9}),
+                   lambda s, _: cam(s).pipeline._post.stream.thresholds == {TABBY: 0.9}),
+    "labels": (stream_change("labels", [TABBY, "tiger cat"]),
                lambda s, _: int(cam(s).pipeline._post._allowed.sum()) == 2),
     "top_k": (stream_change("top_k", 2), lambda s, _: cam(s).pipeline._post.stream.top_k == 2),
     "region": (stream_change("region", {"x": 0.5, "width": 0.5}),
