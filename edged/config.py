@@ -45,6 +45,8 @@ Pixels = Annotated[int, Meta(ge=1, le=16384)]
 Text = Annotated[str, Meta(min_length=1, max_length=4096)]
 Name = Annotated[str, Meta(pattern=TOPIC_SAFE, max_length=128),
                  Meta(extra={"error": f"is not topic-safe ({TOPIC_SAFE_HINT})"})]
+FourCC = Annotated[str, Meta(pattern=r"^.{4}$"),
+                   Meta(extra={"error": "must be 4 characters, e.g. MJPG"})]
 
 MAX_FILE_BYTES = 1 << 20  # a configuration file larger than this is refused
 
@@ -61,10 +63,7 @@ class SourceConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     width: Annotated[Pixels | None, setting("V4L2: requested capture width")] = None
     height: Annotated[Pixels | None, setting("V4L2: requested capture height")] = None
     fps: Annotated[Rate | None, setting("V4L2: requested frame rate")] = None
-    fourcc: Annotated[
-        Annotated[str, Meta(pattern=r"^.{4}$")] | None,
-        setting("V4L2: pixel format, e.g. `MJPG` or `YUYV`",
-                error="must be 4 characters, e.g. MJPG")] = None
+    fourcc: Annotated[FourCC | None, setting("V4L2: pixel format, e.g. `MJPG` or `YUYV`")] = None
     open_timeout: Annotated[Timeout, setting("seconds to open a network source")] = 5.0
     read_timeout: Annotated[Timeout, setting(
         "seconds without a usable frame before a network source counts as lost")] = 5.0

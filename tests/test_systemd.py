@@ -117,3 +117,32 @@ def test_unit_settings(unit: str) -> None:
         assert settings.get(key), key
     if unit == "edged@.service":
         assert settings["ExecStart"] == ["/usr/local/bin/edged run --config /etc/edged/%i.yaml"]
+
+
+LOG_SCRIPT = """
+import logging
+from edged.server import setup_logging
+setup_logging("debug")
+log = logging.getLogger("edged.test")
+log.error("disk full")
+log.warning("slow")
+log.info("running")
+log.debug("detail")
+"""
+
+
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "redirected"])
+def test_log_lines_carry_journal_priorities(tmp_path: Path, journal: bool) -> None:
+    """With stderr on the journal (``JOURNAL_STREAM`` names it), each line starts with its
+    syslog priority, which ``journalctl -p err`` filters on; redirected elsewhere, it does not."""
+    with open(tmp_path / "stderr", "w") as stderr:
+        info = os.fstat(stderr.fileno())
+        stream = f"{info.st_dev}:{info.st_ino}" if journal else f"{info.st_dev}:1"
+        subprocess.run([sys.executable, "-c", LOG_SCRIPT], stderr=stderr, check=True,
+                       env={**os.environ, "JOURNAL_STREAM": stream, "INVOCATION_ID": "x"})
+    lines = (tmp_path / "stderr").read_text().splitlines()
+    expected = ["ERROR edged.test: disk full", "WARNING edged.test: slow",
+                "INFO edged.test: running", "DEBUG edged.test: detail"]
+    if journal:
+        expected = [f"<{p}>{line}" for p, line in zip((3, 4, 6, 7), expected, strict=True)]
+    assert lines == expected
