@@ -205,8 +205,18 @@ class MqttConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=True)
     outbox_dir: Annotated[Text | None, setting(
         "results waiting for the broker (survive restarts); none: `<state_dir>/outbox`",
         "daemon")] = None
+    # A night's outage at 5 results/s is 216,000 results of about 1 KB: the defaults hold it
+    # on a small SD card.
     outbox_max: Annotated[Annotated[int, Meta(ge=1, le=10_000_000)], setting(
-        "results kept on disk; beyond that the oldest are dropped and counted", "daemon")] = 10000
+        "results kept on disk at most", "daemon")] = 250_000
+    outbox_max_mb: Annotated[Annotated[int, Meta(ge=1, le=1_000_000)], setting(
+        "megabytes of results kept on disk at most", "daemon")] = 256
+    outbox_max_age: Annotated[Annotated[float, Meta(ge=60, le=30 * 86400)], setting(
+        "seconds a result may wait for the broker; older ones are dropped and counted",
+        "daemon")] = 2 * 86400
+    outbox_full: Annotated[Literal["drop_oldest", "drop_newest"], setting(
+        "when a bound is reached: drop the oldest results to make room, or refuse new ones "
+        "(both counted)", "daemon")] = "drop_oldest"
     # Read from password_env / password_file by resolve_config; never logged or printed.
     password: str | None = None
 

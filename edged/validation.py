@@ -192,9 +192,12 @@ def _scalar_problem(tp: Any, value: Any) -> str:
 
 def bounds(info: mi.IntType | mi.FloatType) -> str:
     """A number type's range as users read it: ``1..65535``, ``> 0 and <= 3600``."""
-    low = f"{info.ge:g}" if info.ge is not None else f"> {info.gt:g}" if info.gt is not None \
+    def text(x: float) -> str:
+        return str(x) if isinstance(x, int) else f"{x:g}"
+
+    low = text(info.ge) if info.ge is not None else f"> {text(info.gt)}" if info.gt is not None \
         else ""
-    high = f"{info.le:g}" if info.le is not None else f"< {info.lt:g}" if info.lt is not None \
+    high = text(info.le) if info.le is not None else f"< {text(info.lt)}" if info.lt is not None \
         else ""
     if info.ge is not None and info.le is not None:
         return f"{low}..{high}"
