@@ -29,6 +29,8 @@ from edged.validation import Problems, Section, build, json_schema, setting, set
 
 Task = Literal["classify", "detect", "segment"]
 PublishPolicy = Literal["every", "change", "rate"]
+# What MQTT commands may do to a stream (docs/mqtt.md "Commands").
+Command = Literal["pause", "resume", "threshold", "thresholds", "fps"]
 # ONNX Runtime memory: "auto" runs planned models (edged plan --budget) lean, "lean" every
 # model, "default" none (docs/memory.md).
 MemoryMode = Literal["auto", "lean", "default"]
@@ -145,6 +147,9 @@ class StreamConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         "session, with the most threads any of them asks for)")] = None
     memory: Annotated[MemoryMode | None, setting(
         "ONNX Runtime memory for this stream's model; none: the top-level `memory`")] = None
+    commands: Annotated[Literal["all", "off"] | list[Command], setting(
+        "which MQTT commands this stream obeys: `all`, `off`, or a list of names from "
+        "`pause`, `resume`, `threshold`, `thresholds`, `fps`", "live")] = "all"
     stall_timeout: Annotated[Seconds, setting(
         "seconds without frames while the source claims to stream before the stream counts "
         "as stalled (watchdog pings stop); keep it above `source.read_timeout`", "live")] = 20.0
@@ -199,6 +204,9 @@ class MqttConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=True)
         setting("first topic level(s)", "daemon",
                 error="is not a valid topic prefix (levels of letters, digits, '_', '-', "
                       "'.')")] = "edged"
+    protocol: Annotated[Literal["3.1.1", "5"], setting(
+        "MQTT version; with `5` a retained command is recognised whenever it arrives "
+        "(docs/mqtt.md)", "daemon")] = "3.1.1"
     qos: Annotated[Annotated[int, Meta(ge=0, le=2)], setting("results' QoS", "daemon")] = 1
     keepalive: Annotated[Annotated[int, Meta(ge=5, le=3600)], setting(
         "seconds between pings to the broker", "daemon")] = 30

@@ -15,12 +15,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 
 from edged import annotate
-from edged.config import PublishConfig, StreamConfig
+from edged.config import Command, PublishConfig, StreamConfig
 from edged.domain import SourceState
 from edged.errors import EdgedError, did_you_mean
 from edged.frame import Frame
@@ -258,6 +258,10 @@ class Pipeline:
         try:
             with self._lock:
                 changes = parse_command(message)
+                refused = [key for key in changes if not allowed(self.config, key)]
+                if refused:
+                    raise EdgedError(f"{refused[0]}: not allowed on this stream (commands: "
+                                     f"{_allowed_text(self.config)})")
                 paused, fields = self.paused, {}
                 for key, value in changes.items():
                     if key in ("pause", "resume"):
@@ -322,10 +326,19 @@ def changed(old: Any, new: Any) -> bool:
 # Commands
 
 
-# Commands change these live settings of StreamConfig, checked by the fields' own declarations,
-# and pause / resume the stream.
+# Commands pause / resume the stream and change these live settings of StreamConfig, checked
+# by the fields' own declarations.
+COMMANDS: tuple[str, ...] = get_args(Command)
 SETTING_COMMANDS = ("threshold", "thresholds", "fps")
-COMMANDS = ("pause", "resume", *SETTING_COMMANDS)
+
+
+def allowed(config: StreamConfig, command: str) -> bool:
+    """Whether the stream's ``commands`` setting lets ``command`` through."""
+    return config.commands == "all" or (config.commands != "off" and command in config.commands)
+
+
+def _allowed_text(config: StreamConfig) -> str:
+    return config.commands if isinstance(config.commands, str) else ", ".join(config.commands)
 
 
 def command_all(pipelines: dict[str, Pipeline], message: Any) -> dict[str, Any]:

@@ -71,8 +71,8 @@ def convert(tp: Any, value: Any, path: str, problems: Problems) -> Any:
     if origin in (types.UnionType, typing.Union):
         if value is None and type(None) in args:
             return None
-        (arm,) = [a for a in args if a is not type(None)]
-        return convert(arm, value, path, problems)
+        return convert(_arm_for([a for a in args if a is not type(None)], value), value, path,
+                       problems)
     if isinstance(inner, type) and issubclass(inner, Section):
         return build(inner, value, path, problems)
     if origin is list:
@@ -90,6 +90,20 @@ def convert(tp: Any, value: Any, path: str, problems: Problems) -> Any:
     except msgspec.ValidationError:
         problems.add(path, _scalar_problem(tp, value))
         return None
+
+
+def _arm_for(arms: list[Any], value: Any) -> Any:
+    """The arm of a union that a value of this shape belongs to: a list to the list arm, a
+    mapping to a section or mapping arm, anything else to the first other arm."""
+    def shape(arm: Any) -> type | None:
+        inner, _ = _unwrap(arm)
+        if typing.get_origin(inner) is list:
+            return list
+        is_section = isinstance(inner, type) and issubclass(inner, Section)
+        return dict if is_section or typing.get_origin(inner) is dict else None
+
+    wanted = list if isinstance(value, list) else dict if isinstance(value, Mapping) else None
+    return next((arm for arm in arms if shape(arm) is wanted), arms[0])
 
 
 def build(cls: type[Section], data: Any, path: str, problems: Problems) -> Section | None:

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from helpers.broker import (  # noqa: F401 (fixtures)
     Mosquitto,
@@ -210,7 +212,7 @@ def test_full_outbox_drops_the_oldest(mosquitto: Mosquitto, make_sink: Sinks) ->
     sub.close()
 
 
-@pytest.mark.parametrize("listener", ["auth", "tls"])
+@pytest.mark.parametrize("listener", ["auth", "tls", "mtls"])
 def test_password_and_tls_listeners(mosquitto: Mosquitto, make_sink: Sinks, listener: str,
                                     caplog: pytest.LogCaptureFixture) -> None:
     device = f"secure-{listener}"
@@ -224,6 +226,17 @@ def test_password_and_tls_listeners(mosquitto: Mosquitto, make_sink: Sinks, list
     assert sequences(sub, topic) == list(range(5))
     assert mosquitto.password not in caplog.text
     sub.close()
+
+
+def test_mutual_tls_needs_the_client_certificate(mosquitto: Mosquitto, make_sink: Sinks) -> None:
+    """The mTLS listener takes the certificate's name as the user (an ACL can key on it) and
+    refuses a client without one."""
+    without = mosquitto.config("mtls")
+    without = msgspec.structs.replace(without, tls=msgspec.structs.replace(
+        without.tls, cert_file=None, key_file=None))
+    sink = make_sink(without, "nocert")
+    assert wait_until(lambda: sink.stats()["last_error"] is not None)
+    assert not sink.connected
 
 
 def test_wrong_password_is_a_clear_error(mosquitto: Mosquitto, make_sink: Sinks,
@@ -299,12 +312,61 @@ def test_retained_commands_are_refused(mosquitto: Mosquitto, make_sink: Sinks) -
                      on_command=lambda stream, payload: calls.append(payload) or {"ok": True})
     assert sub.wait(lambda: len(sub.on("edged/keep/cam/set/reply")) >= 1)
     assert calls == []
-    assert "retained commands are ignored" in sub.json("edged/keep/cam/set/reply")[0]["error"]
-    sub.client.publish("edged/keep/cam/set", b"", qos=1, retain=True)  # clear it on the broker
+    assert "retained commands are refused" in sub.json("edged/keep/cam/set/reply")[0]["error"]
+    # ... and its retained copy is cleared: a later subscriber finds none.
+    late = Subscriber(mosquitto, "edged/keep/cam/set")
+    time.sleep(0.3)
+    assert not [m for m in late.messages if m.retain and m.payload]
+    late.close()
     sub.client.publish("edged/keep/cam/set", b'{"resume": true}', qos=1)
     assert sub.wait(lambda: b'{"resume": true}' in calls)
     assert b'{"pause": true}' not in calls and sink.connected
     sub.close()
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_a_command_retained_while_edged_listens(mosquitto: Mosquitto, make_sink: Sinks,
+                                                protocol: str) -> None:
+    """A retained command published while edged is connected reaches it with the retain flag
+    cleared under MQTT 3.1.1 (the broker's rule): applied once, then its retained copy would
+    return at the next connect, where it is refused and cleared. MQTT 5 keeps the flag as
+    published: refused at once."""
+    calls: list[bytes] = []
+    device = f"live{protocol.replace('.', '')}"
+    sink = make_sink(mosquitto.config(protocol=protocol), device,
+                     on_command=lambda stream, payload: calls.append(payload) or {"ok": True})
+    sub = Subscriber(mosquitto, f"edged/{device}/cam/set/reply")
+    assert wait_until(lambda: sink.connected)
+    time.sleep(0.3)  # the sink's subscription settles
+    sub.client.publish(f"edged/{device}/cam/set", b'{"pause": true}', qos=1, retain=True)
+    assert sub.wait(lambda: sub.on(f"edged/{device}/cam/set/reply"))
+    if protocol == "5":
+        assert calls == [] and not sub.json(f"edged/{device}/cam/set/reply")[0]["ok"]
+    else:
+        assert calls == [b'{"pause": true}']
+        mosquitto.restart()  # the reconnect brings the retained copy: refused and cleared
+        assert sub.wait(lambda: len(sub.on(f"edged/{device}/cam/set/reply")) >= 2, 15)
+        assert calls == [b'{"pause": true}']
+    late = Subscriber(mosquitto, f"edged/{device}/cam/set")
+    time.sleep(0.3)
+    assert not [m for m in late.messages if m.payload], "the retained command is still there"
+    late.close()
+    sub.close()
+
+
+def test_a_broker_that_never_answers_connect_is_reported(make_sink: Sinks,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A server that accepts the TCP connection and says nothing: one line at the keepalive."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+        config = MqttConfig(host="127.0.0.1", port=port, keepalive=5)
+        with caplog.at_level(logging.WARNING, logger="edged.mqtt"):
+            sink = make_sink(config, "silent")
+            assert wait_until(lambda: sink.stats()["last_error"] is not None, 8)
+        assert "no answer to CONNECT within 5 s" in sink.stats()["last_error"]
+        assert [r for r in caplog.records if "no answer to CONNECT" in r.getMessage()]
 
 
 def test_snapshots_and_stats_skip_the_outbox(mosquitto: Mosquitto, make_sink: Sinks) -> None:

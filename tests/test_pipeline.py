@@ -298,3 +298,26 @@ def test_commands_accept_exactly_what_the_file_accepts(key: str, value: Any) -> 
     assert (from_file is None) == (command is None), (from_file, command)
     if command is not None:
         assert command[key] == getattr(from_file.streams[0], key)
+
+
+def test_commands_setting_says_who_may_do_what(detector: Model, classifier: Model) -> None:
+    only_pause = Pipeline(stream_config("/dev/video0", "detect", commands=["pause", "resume"]),
+                          detector, [], "test")
+    assert only_pause.command({"pause": True})["ok"] and only_pause.paused
+    reply = only_pause.command({"fps": 2, "resume": True})
+    assert reply == {"ok": False, "stream": "s",
+                     "error": "fps: not allowed on this stream (commands: pause, resume)"}
+    assert only_pause.paused and only_pause.config.fps is None  # nothing of it applied
+
+    off = Pipeline(stream_config("/dev/video0", "classify", commands="off"), classifier, [],
+                   "test")
+    assert off.command({"pause": True})["error"] == \
+        "pause: not allowed on this stream (commands: off)"
+    # Device-wide: one stream refusing leaves every stream unchanged.
+    reply = command_all({"det": only_pause, "cls": off}, {"pause": False})
+    assert reply["ok"] is False and reply["error"].startswith("cls: pause: not allowed")
+    assert only_pause.paused
+
+    # A reload takes the new setting live.
+    only_pause.reconfigure(stream_config("/dev/video0", "detect"))
+    assert only_pause.command({"fps": 2})["ok"] and only_pause.config.fps == 2

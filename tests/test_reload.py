@@ -113,6 +113,8 @@ STREAM_CASES: dict[str, tuple[Change, Shows]] = {
                 lambda s, _: cam(s).pipeline._post.stream.publish.policy == "change"),
     "threads": (stream_change("threads", 1), lambda s, _: threads_of(cam(s)) == 1),
     "memory": (stream_change("memory", "lean"), lambda s, _: not arena_of(cam(s))),
+    "commands": (stream_change("commands", ["pause"]),
+                 lambda s, _: not cam(s).pipeline.command({"fps": 1})["ok"]),
     "stall_timeout": (stream_change("stall_timeout", 7),
                       lambda s, _: not cam(s).pipeline.stalled(cam(s).pipeline._progress + 6)
                       and cam(s).pipeline.stalled(cam(s).pipeline._progress + 8)),

@@ -24,6 +24,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edged.config import MqttConfig
 from edged.errors import EdgedError
@@ -74,7 +75,8 @@ class MqttSink:
 
     def _build_client(self, reconnect_min: float, reconnect_max: float) -> mqtt.Client:
         config = self.config
-        client = mqtt.Client(CallbackAPIVersion.VERSION2,
+        protocol = mqtt.MQTTv5 if config.protocol == "5" else mqtt.MQTTv311
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=protocol,
                              client_id=config.client_id or f"edged-{self.device}")
         client.suppress_exceptions = True  # a bug in a callback must not end the network thread
         if config.username is not None:
@@ -95,6 +97,7 @@ class MqttSink:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_socket_open = self._on_socket_open
         return client
 
     def start(self) -> None:
@@ -197,8 +200,26 @@ class MqttSink:
         for topic, data in retained:
             client.publish(topic, data, qos=1, retain=True)
         if self._on_command is not None:
-            client.subscribe([(f"{self.prefix}/{SET}", 1), (f"{self.prefix}/+/{SET}", 1)])
+            # MQTT 5 keeps the retain flag of a message as published (3.1.1 clears it for a
+            # subscriber that was connected when it came): a retained command is always seen.
+            options = SubscribeOptions(qos=1, retainAsPublished=True) \
+                if self.config.protocol == "5" else 1
+            client.subscribe([(f"{self.prefix}/{SET}", options),
+                              (f"{self.prefix}/+/{SET}", options)])
         self._kick.set()
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        # A broker that accepts the connection but never answers CONNECT leaves paho waiting
+        # without a word: say so once the keepalive has passed.
+        generation = self._generation
+        timer = threading.Timer(self.config.keepalive, self._check_answered, (generation,))
+        timer.daemon = True
+        timer.start()
+
+    def _check_answered(self, generation: int) -> None:
+        if self._generation == generation and not self._connected and not self._closing:
+            self._report(f"no answer to CONNECT within {self.config.keepalive} s (the broker "
+                         "accepted the connection but says nothing), retrying")
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         self._report("cannot reach the broker, retrying")
@@ -219,12 +240,17 @@ class MqttSink:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         levels = message.topic[len(self.prefix) + 1:].split("/")
         stream = levels[0] if len(levels) == 2 else None
+        if not message.payload:
+            return  # an empty message clears a retained one: never a command
         if message.retain:
             # A retained command would be applied again at every reconnect (undoing a later
-            # "resume", say): commands are one-shot, so a retained one is refused.
-            log.warning("mqtt: ignoring a retained command on %s", message.topic)
+            # "resume", say): commands are one-shot, so a retained one is refused, and its
+            # retained copy cleared so that it cannot come back.
+            log.warning("mqtt: refusing a retained command on %s (and clearing it)",
+                        message.topic)
+            client.publish(message.topic, b"", qos=1, retain=True)
             client.publish(f"{message.topic}/reply", encode_payload(
-                {"ok": False, "error": "retained commands are ignored; publish without retain"}),
+                {"ok": False, "error": "retained commands are refused; publish without retain"}),
                 qos=1)
             return
         try:

@@ -41,6 +41,7 @@ from helpers import wait_notified
 USERNAME = "edged"
 PASSWORD = "s3cret-test-pw"
 READY_TIMEOUT = 10.0
+CLIENT_CN = "edged-device"  # the client certificate's name: its user name on the mTLS listener
 
 
 def free_port() -> int:
@@ -56,15 +57,19 @@ def _run(*args: str, cwd: Path) -> None:
 
 @dataclass(frozen=True)
 class Certs:
-    """A test CA and a server certificate for 127.0.0.1 / localhost."""
+    """A test CA, a server certificate for 127.0.0.1 / localhost, and a client certificate
+    (CN ``edged-device``) for mutual TLS."""
 
     ca_file: Path
     cert_file: Path
     key_file: Path
+    client_cert_file: Path
+    client_key_file: Path
 
 
 def make_certs(directory: Path) -> Certs:
-    """Create the CA and the server certificate (EC P-256, two days) with openssl."""
+    """Create the CA, the server and the client certificate (EC P-256, two days) with
+    openssl."""
     directory.mkdir(parents=True, exist_ok=True)
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
     _run("openssl", "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
@@ -75,11 +80,17 @@ def make_certs(directory: Path) -> Certs:
     _run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
          "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.cnf",
          cwd=directory)
-    return Certs(directory / "ca.crt", directory / "server.crt", directory / "server.key")
+    _run("openssl", "req", *ec, "-keyout", "client.key", "-out", "client.csr",
+         "-subj", f"/CN={CLIENT_CN}", cwd=directory)
+    _run("openssl", "x509", "-req", "-in", "client.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+         "-CAcreateserial", "-out", "client.crt", "-days", "2", cwd=directory)
+    return Certs(directory / "ca.crt", directory / "server.crt", directory / "server.key",
+                 directory / "client.crt", directory / "client.key")
 
 
 class Mosquitto:
-    """One mosquitto process with a plain, a password and a TLS + password listener."""
+    """One mosquitto process with a plain, a password, a TLS + password and a mutual-TLS
+    (client certificate, no password) listener."""
 
     host = "127.0.0.1"
     username = USERNAME
@@ -91,6 +102,7 @@ class Mosquitto:
         self.certs = certs
         self.ca_file = certs.ca_file
         self.port, self.auth_port, self.tls_port = free_port(), free_port(), free_port()
+        self.mtls_port = free_port()
         self.process: subprocess.Popen | None = None
         workdir.mkdir(parents=True, exist_ok=True)
         password_file = workdir / "passwd"
@@ -120,15 +132,23 @@ password_file {password_file}
 cafile {certs.ca_file}
 certfile {certs.cert_file}
 keyfile {certs.key_file}
+
+listener {self.mtls_port} 127.0.0.1
+allow_anonymous false
+require_certificate true
+use_identity_as_username true
+cafile {certs.ca_file}
+certfile {certs.cert_file}
+keyfile {certs.key_file}
 """)
 
     def start(self) -> None:
-        """Start the broker and wait until all three listeners accept connections."""
+        """Start the broker and wait until every listener accepts connections."""
         assert self.process is None, "already running"
         self.process = subprocess.Popen(["mosquitto", "-c", str(self.conf)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + READY_TIMEOUT
-        for port in (self.port, self.auth_port, self.tls_port):
+        for port in (self.port, self.auth_port, self.tls_port, self.mtls_port):
             while True:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"mosquitto exited: {self.process.stderr.read().decode()}"
@@ -159,12 +179,16 @@ keyfile {certs.key_file}
         return path.read_text()[-2000:] if path.exists() else ""
 
     def config(self, listener: str = "plain", **overrides: Any) -> MqttConfig:
-        """An ``MqttConfig`` for one listener: "plain", "auth" or "tls"."""
+        """An ``MqttConfig`` for one listener: "plain", "auth", "tls" or "mtls"."""
         fields: dict[str, Any] = {"host": self.host, "port": self.port, "keepalive": 5}
         if listener in ("auth", "tls"):
             fields.update(port=self.auth_port, username=USERNAME, password=PASSWORD)
         if listener == "tls":
             fields.update(port=self.tls_port, tls=TLSConfig(ca_file=str(self.ca_file)))
+        if listener == "mtls":
+            fields.update(port=self.mtls_port, tls=TLSConfig(
+                ca_file=str(self.ca_file), cert_file=str(self.certs.client_cert_file),
+                key_file=str(self.certs.client_key_file)))
         fields.update(overrides)
         return MqttConfig(**fields)
 
