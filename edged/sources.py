@@ -87,6 +87,8 @@ class Capture(ABC):
     finite: bool = False
     #: the source's own frame rate, for pacing finite sources in real time (None: unknown)
     fps: float | None = None
+    #: frames a file says it holds (None: unknown); fewer read means it is cut short
+    expected_frames: int | None = None
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
@@ -203,6 +205,7 @@ class VideoFileCapture(_VideoCaptureBase):
     def open(self) -> str:
         cap = self._open(self.uri, cv2.CAP_FFMPEG, [], "not a readable video file")
         frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        self.expected_frames = frames if frames > 0 else None
         return self._describe() + (f", {frames} frames" if frames > 0 else "")
 
 
@@ -313,6 +316,17 @@ def make_capture(config: SourceConfig) -> Capture:
 def _read_failed(capture: Capture, exc: cv2.error) -> tuple[str, str]:
     """How the reader ends on an OpenCV error: a finite source has ended, a live one is lost."""
     return ("end", f"read failed: {exc}") if capture.finite else ("lost", str(exc))
+
+
+def _short_file(capture: Capture, read: int) -> str | None:
+    """A warning's words when a file ended well before the frame count it declares (cut short
+    or damaged); None when it ended where it said (containers' counts may be off by a few)."""
+    expected = capture.expected_frames
+    if expected is None or read >= expected - max(2, expected // 100):
+        return None
+    detail = f"ended after {read} of {expected} frames (the file is cut short or damaged)"
+    log.warning("source %s: %s", capture.uri, detail)
+    return detail
 
 
 def _median_gap(times: Sequence[float]) -> float:
@@ -436,12 +450,14 @@ class FrameReader:
                 else:
                     self.source_fps = capture.fps
                     self._set_state(SourceState.STREAMING, description)
-                    before = self.frames
+                    before, bad_before = self.frames, self.bad_frames
                     outcome, detail = self._pump(capture)
                     capture.close()
                     if self.frames > before:
                         backoff = BACKOFF_START
                     if outcome == "end":
+                        read = self.frames - before + self.bad_frames - bad_before
+                        detail = _short_file(capture, read) or detail
                         if not self.config.loop or self.frames == before:
                             self._set_state(SourceState.ENDED, detail)
                             return

@@ -169,6 +169,14 @@ keyfile {certs.key_file}
             self.process.stderr.close()
             self.process = None
 
+    def kill(self) -> None:
+        """Kill the broker (SIGKILL): no clean shutdown, no state saved."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process.stderr.close()
+            self.process = None
+
     def restart(self) -> None:
         """Stop and start again on the same ports."""
         self.stop()

@@ -30,13 +30,16 @@ def write_config(directory: Path, data: dict[str, Any], name: str = "edged.yaml"
 class Daemon:
     """``python -m edged <args>`` with its stdout and stderr lines collected as they come."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None,
+                 prefix: list[str] | None = None) -> None:
+        """``prefix`` runs the daemon through another command that execs it (e.g.
+        ``ip netns exec NS``), so that the process is still the daemon's."""
         self.args = args
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         self._cond = threading.Condition()
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.process = subprocess.Popen([sys.executable, "-m", "edged", *args],
+        self.process = subprocess.Popen([*(prefix or []), sys.executable, "-m", "edged", *args],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True, env=full_env)
         for stream, lines in ((self.process.stdout, self.stdout),
