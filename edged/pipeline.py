@@ -77,6 +77,7 @@ class Pipeline:
         self.timings = {key: Window() for key in ("preprocess", "inference", "postprocess",
                                                   "total", "frame_age")}
         self.source_state = SourceState.OPENING
+        self._worker_failed = False
         self.source_detail = ""
         self._progress = time.monotonic()
         self._last_key: Any = None
@@ -136,6 +137,8 @@ class Pipeline:
         except Exception as exc:  # never end quietly: the status says why, the daemon exits 1
             log.exception("stream %s: worker failed", self.name)
             self._on_source_state(SourceState.FAILED, f"worker failed: {exc}")
+            self._worker_failed = True  # the reader's later states do not hide it
+            self.reader.stop()
         log.debug("stream %s: worker finished", self.name)
 
     def _loop(self) -> None:
@@ -218,6 +221,8 @@ class Pipeline:
     # -- status, meta, commands --------------------------------------------------------------
 
     def _on_source_state(self, state: SourceState, detail: str) -> None:
+        if self._worker_failed:
+            return
         self.source_state, self.source_detail = state, detail
         log.debug("stream %s: source %s %s", self.name, state, detail)
         self.publish_status()
