@@ -473,9 +473,10 @@ def read_yaml(path: Path) -> Any:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise EdgedError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
+        problem = " ".join(str(exc.problem or exc.context).split())
+        raise EdgedError(f"{where}: YAML syntax error: {problem}") from None
     except yaml.YAMLError as exc:
-        raise EdgedError(f"{path}: YAML error: {exc}") from None
+        raise EdgedError(f"{path}: YAML error: {' '.join(str(exc).split())}") from None
     except RecursionError:
         raise EdgedError(f"{path}: nested too deeply to be a configuration") from None
 

@@ -374,5 +374,6 @@ def parse_command(message: Any) -> dict[str, Any]:
                 raise EdgedError(f"{key}: must be true or false, got {describe(value)}")
             changes[key] = value
         else:
-            raise EdgedError(f"{key}: unknown command{did_you_mean(key, COMMANDS)}")
+            name = key if str(key).isprintable() else repr(key)
+            raise EdgedError(f"{name}: unknown command{did_you_mean(key, COMMANDS)}")
     return changes

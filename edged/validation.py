@@ -59,8 +59,12 @@ class Problems(list[str]):
 
 
 def join(path: str, key: object) -> str:
-    """``path.key`` (``key`` at the top, ``path`` for an empty key)."""
-    return f"{path}.{key}" if path and key != "" else path or str(key)
+    """``path.key`` (``key`` at the top, ``path`` for an empty key); a key that would not
+    read as one on a line (a newline, a control character) is quoted: ``path['a\\n']``."""
+    text = str(key)
+    if not text.isprintable():
+        return f"{path}[{text!r}]"
+    return f"{path}.{text}" if path and text != "" else path or text
 
 
 def convert(tp: Any, value: Any, path: str, problems: Problems) -> Any:
