@@ -17,7 +17,7 @@ from edged.systemd import Notifier, under_systemd
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = ["edged.service", "edged@.service"]
-MAX_EXPOSURE = 2.0
+MAX_EXPOSURE = 1.5
 
 
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])

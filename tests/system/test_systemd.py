@@ -29,7 +29,7 @@ UNIT = "edged.service"
 DEVICE = "nspawn"
 STREAM = "cam"
 STALL_TIMEOUT = 5.0
-MAX_EXPOSURE = 2.0
+MAX_EXPOSURE = 1.5
 # The daemon must write only here: its state (the outbox) and its model cache.
 WRITABLE = ("/var/lib/edged", "/var/cache/edged")
 # Per-service throw-away folders (PrivateTmp=): writable, but nobody else sees them.
