@@ -367,3 +367,24 @@ def test_frame_time_is_the_grab_so_latency_includes_decoding(
         assert abs((time.time() - frame.wall_time) - (time.monotonic() - frame.mono_time)) < 0.05
     finally:
         reader.stop()
+
+
+def test_mjpeg_server_dies_mid_stream_and_returns(
+        make_mjpeg_server: Callable[..., MjpegServer]) -> None:
+    """The server goes away under a running stream and comes back on the same port: the
+    reader says "reconnecting", then frames flow again within seconds of its return."""
+    server = make_mjpeg_server([jpeg(skimage.data.coffee()), jpeg(skimage.data.chelsea())])
+    reader, log = started(SourceConfig(uri=server.url, **FAST_NET))
+    assert reader.get(5.0) is not None
+    server.stop()
+    assert log.wait_for("reconnecting", 5.0)
+    time.sleep(2.0)
+    before = reader.frames
+    server.start()
+    back = time.monotonic()
+    assert log.wait_for("streaming", 8.0, after=log.names().index("reconnecting"))
+    frame = reader.get(5.0)
+    while frame is not None and frame.index < before:
+        frame = reader.get(5.0)
+    reader.stop()
+    assert frame is not None and time.monotonic() - back < 8.0
