@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
 
+from edged.config import StreamConfig
 from edged.errors import EdgedError
 from edged.postprocess import Detections, Segmentation
 
@@ -66,8 +69,64 @@ def draw_detections(image: np.ndarray, result: Detections) -> np.ndarray:
         colour = colours[det.index]  # detect classes start at 1: never the map's black
         x0, y0, x1, y1 = (round(v) for v in det.box)
         cv2.rectangle(out, (x0, y0), (x1, y1), colour.tolist(), thickness)
-        _label(out, f"{det.label} {det.score:.2f}", x0, y0, colour, scale, taken)
+        track = f" #{det.track}" if det.track is not None else ""
+        _label(out, f"{det.label}{track} {det.score:.2f}", x0, y0, colour, scale, taken)
     return out
+
+
+# Colours of what a deployment draws on its frames (BGR).
+ZONE_COLOUR = np.array([0, 200, 255], np.uint8)
+LINE_COLOUR = np.array([255, 120, 0], np.uint8)
+MASK_COLOUR = np.array([90, 90, 90], np.uint8)
+
+
+def draw_scene(image: np.ndarray, stream: StreamConfig) -> np.ndarray:
+    """A stream's zones (outlined, named), lines (with an arrow for the first direction) and
+    masks (greyed out), drawn on a copy of ``image``."""
+    out = image.copy()
+    height, width = out.shape[:2]
+    size = np.array([width, height], dtype=np.float64)
+    thickness = max(1, round(max(height, width) / 400))
+    scale = max(0.4, max(height, width) / 1200)
+    for mask in stream.masks:
+        points = np.round(np.asarray(mask) * size).astype(np.int32)
+        shade = out.copy()
+        cv2.fillPoly(shade, [points], MASK_COLOUR.tolist())
+        out = cv2.addWeighted(out, 0.5, shade, 0.5, 0.0)
+    for name, zone in stream.zones.items():
+        points = np.round(np.asarray(zone.polygon) * size).astype(np.int32)
+        cv2.polylines(out, [points], True, ZONE_COLOUR.tolist(), thickness, cv2.LINE_AA)
+        x, y = points.min(axis=0)
+        _label(out, name, int(x), int(y) + 20, ZONE_COLOUR, scale)
+    for name, line in stream.lines.items():
+        (ax, ay), (bx, by) = (np.asarray(p) * size for p in line.points)
+        a, b = (round(ax), round(ay)), (round(bx), round(by))
+        cv2.line(out, a, b, LINE_COLOUR.tolist(), thickness + 1, cv2.LINE_AA)
+        # The first direction crosses from the left of a -> b to its right: draw that way.
+        mid = np.array([(ax + bx) / 2, (ay + by) / 2])
+        normal = np.array([-(by - ay), bx - ax])
+        normal = normal / max(float(np.hypot(*normal)), 1e-9) * 0.05 * max(height, width)
+        tail, head = np.round(mid - normal).astype(int), np.round(mid + normal).astype(int)
+        cv2.arrowedLine(out, tuple(tail.tolist()), tuple(head.tolist()), LINE_COLOUR.tolist(),
+                        thickness, cv2.LINE_AA, tipLength=0.3)
+        _label(out, f"{name}: {line.directions[0]}", int(head[0]), int(head[1]), LINE_COLOUR,
+               scale)
+    return out
+
+
+def track_snapshot(image: np.ndarray, box_norm: Sequence[float], text: str,
+                   longest_side: int = 640, quality: int = 80) -> bytes:
+    """A frame with one track's box and tag, at most ``longest_side`` pixels, as JPEG."""
+    height, width = image.shape[:2]
+    factor = min(1.0, longest_side / max(height, width))
+    small = cv2.resize(image, (round(width * factor), round(height * factor)),
+                       interpolation=cv2.INTER_AREA) if factor < 1 else image.copy()
+    h, w = small.shape[:2]
+    x0, y0, x1, y1 = (round(v * s) for v, s in zip(box_norm, (w, h, w, h), strict=True))
+    colour = LINE_COLOUR
+    cv2.rectangle(small, (x0, y0), (x1, y1), colour.tolist(), 2)
+    _label(small, text, x0, y0, colour, 0.5)
+    return to_jpeg(small, quality)
 
 
 def draw_segmentation(image: np.ndarray, segmentation: Segmentation,
@@ -101,8 +160,12 @@ def to_jpeg(image: np.ndarray, quality: int = 85) -> bytes:
     return data.tobytes()
 
 
-def annotate_detections(image: np.ndarray, result: Detections, quality: int = 85) -> bytes:
-    """The annotated detection snapshot as JPEG bytes."""
+def annotate_detections(image: np.ndarray, result: Detections, quality: int = 85,
+                        stream: StreamConfig | None = None) -> bytes:
+    """The annotated detection snapshot as JPEG bytes, with the stream's zones, lines and
+    masks when it has any."""
+    if stream is not None and (stream.zones or stream.lines or stream.masks):
+        image = draw_scene(image, stream)
     return to_jpeg(draw_detections(image, result), quality)
 
 

@@ -30,7 +30,7 @@ from edged.validation import Problems, Section, build, json_schema, setting, set
 Task = Literal["classify", "detect", "segment"]
 PublishPolicy = Literal["every", "change", "rate"]
 # What MQTT commands may do to a stream (docs/mqtt.md "Commands").
-Command = Literal["pause", "resume", "threshold", "thresholds", "fps"]
+Command = Literal["pause", "resume", "threshold", "thresholds", "fps", "reset_lines"]
 # ONNX Runtime memory: "auto" runs planned models (edged plan --budget) lean, "lean" every
 # model, "default" none (docs/memory.md).
 MemoryMode = Literal["auto", "lean", "default"]
@@ -49,6 +49,12 @@ Name = Annotated[str, Meta(pattern=TOPIC_SAFE, max_length=128),
                  Meta(extra={"error": f"is not topic-safe ({TOPIC_SAFE_HINT})"})]
 FourCC = Annotated[str, Meta(pattern=r"^.{4}$"),
                    Meta(extra={"error": "must be 4 characters, e.g. MJPG"})]
+
+Point = Annotated[list[Fraction], Meta(min_length=2, max_length=2),
+                  Meta(extra={"error": "a point is [x, y], both 0..1"})]
+Polygon = Annotated[list[Point], Meta(min_length=3, max_length=64),
+                    Meta(extra={"error": "a polygon is 3 to 64 points [x, y]"})]
+Seconds0 = Annotated[float, Meta(ge=0, le=86400)]
 
 MAX_FILE_BYTES = 1 << 20  # a configuration file larger than this is refused
 
@@ -119,6 +125,59 @@ class PublishConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         "segment: longest side of that class map", "live")] = 128
 
 
+class TrackConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Tracking of a detect stream's objects (docs/tracking.md)."""
+
+    low: Annotated[Score, setting(
+        "detections from this score up keep an existing track alive (ByteTrack's second "
+        "pass); new tracks need the stream's `threshold`")] = 0.1
+    max_age: Annotated[Annotated[float, Meta(ge=0.1, le=3600)], setting(
+        "seconds a track lives on without a detection before it ends")] = 2.0
+    min_hits: Annotated[Annotated[int, Meta(ge=1, le=10)], setting(
+        "detections a track needs before it counts (its `new` event)")] = 2
+    stationary_after: Annotated[Seconds, setting(
+        "seconds an object must stay put to be stationary (no more updates; its zones "
+        "held)")] = 10.0
+    stationary_distance: Annotated[Annotated[float, Meta(ge=0, le=2)], setting(
+        "how far an object may move and still be put, in its box heights")] = 0.25
+    update_interval: Annotated[Seconds0, setting(
+        "seconds between two `update` events of one track at least")] = 5.0
+    snapshot: Annotated[bool, setting(
+        "publish the best frame of each track as an annotated JPEG when it ends")] = False
+
+
+class ZoneConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A named area of the frame whose occupancy is counted."""
+
+    polygon: Annotated[Polygon, setting("the area: 3 or more points `[x, y]`, 0..1")]
+    labels: Annotated[list[str] | None, setting("labels counted; none: all")] = None
+    anchor: Annotated[Literal["bottom_center", "center", "top_center"], setting(
+        "the point of the box that must lie inside")] = "bottom_center"
+    inertia: Annotated[Annotated[int, Meta(ge=1, le=100)], setting(
+        "frames in a row inside (outside) before an object enters (leaves)")] = 2
+    loiter_after: Annotated[Seconds | None, setting(
+        "seconds in the zone after which a `loiter` event goes out; none: never")] = None
+
+
+def _in_out() -> list[str]:
+    """`[in, out]`"""
+    return ["in", "out"]
+
+
+class LineConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A named line whose crossings are counted per label and direction."""
+
+    points: Annotated[Annotated[list[Point], Meta(min_length=2, max_length=2)], setting(
+        "the line's two points `[[x, y], [x, y]]`, 0..1")]
+    directions: Annotated[Annotated[list[Name], Meta(min_length=2, max_length=2)], setting(
+        "names of the two directions: crossing from the left of the first point -> second "
+        "point to its right, and back")] = msgspec.field(default_factory=_in_out)
+    labels: Annotated[list[str] | None, setting("labels counted; none: all")] = None
+    margin: Annotated[Annotated[float, Meta(ge=0, le=0.5)], setting(
+        "how far past the line (fraction of the frame) an object must get to count: a box "
+        "jittering on the line counts once")] = 0.02
+
+
 class StreamConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One camera stream and what to run on it."""
 
@@ -147,12 +206,39 @@ class StreamConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         "session, with the most threads any of them asks for)")] = None
     memory: Annotated[MemoryMode | None, setting(
         "ONNX Runtime memory for this stream's model; none: the top-level `memory`")] = None
+    track: Annotated[TrackConfig | None, setting(
+        "detect: follow objects over frames and publish their events (below); zones and "
+        "lines turn it on with the defaults")] = None
+    zones: Annotated[dict[Name, ZoneConfig], setting(
+        "detect: named areas whose occupancy is counted (below)")] = {}
+    lines: Annotated[dict[Name, LineConfig], setting(
+        "detect: named lines whose crossings are counted (below)")] = {}
+    masks: Annotated[list[Polygon], setting(
+        "detect: areas where detections are ignored (their box's bottom centre inside)")] = []
+    min_area: Annotated[dict[str, Fraction], setting(
+        "detect: per label, the smallest box kept, as a fraction of the frame")] = {}
+    max_area: Annotated[dict[str, Fraction], setting(
+        "detect: per label, the largest box kept, as a fraction of the frame")] = {}
     commands: Annotated[Literal["all", "off"] | list[Command], setting(
         "which MQTT commands this stream obeys: `all`, `off`, or a list of names from "
-        "`pause`, `resume`, `threshold`, `thresholds`, `fps`", "live")] = "all"
+        "`pause`, `resume`, `threshold`, `thresholds`, `fps`, `reset_lines`", "live")] = "all"
     stall_timeout: Annotated[Seconds, setting(
         "seconds without frames while the source claims to stream before the stream counts "
         "as stalled (watchdog pings stop); keep it above `source.read_timeout`", "live")] = 20.0
+
+    def rules(self) -> Iterable[tuple[str, str]]:
+        if self.task != "detect":
+            for name in ("track", "zones", "lines", "masks", "min_area", "max_area"):
+                if getattr(self, name):
+                    yield name, "only detect streams track objects"
+
+    @property
+    def tracking(self) -> TrackConfig | None:
+        """The tracking this stream runs: its ``track``, or the defaults when it has zones or
+        lines; None when it tracks nothing."""
+        if self.track is not None:
+            return self.track
+        return TrackConfig() if self.zones or self.lines else None
 
 
 def standalone_stream(task: Task, **settings: Any) -> StreamConfig:
@@ -321,7 +407,9 @@ def config_schema() -> dict[str, Any]:
 # The reference sections of docs/config.md, in the order they appear there.
 REFERENCE = (("Top level", Config), ("`streams[]`", StreamConfig),
              ("`streams[].source`", SourceConfig), ("`streams[].region`", RegionConfig),
-             ("`streams[].publish`", PublishConfig), ("`mqtt`", MqttConfig),
+             ("`streams[].publish`", PublishConfig), ("`streams[].track`", TrackConfig),
+             ("`streams[].zones.<name>`", ZoneConfig), ("`streams[].lines.<name>`", LineConfig),
+             ("`mqtt`", MqttConfig),
              ("`mqtt.tls`", TLSConfig), ("`logging`", LoggingConfig))
 
 

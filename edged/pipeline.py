@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, get_args
 
 import msgspec
@@ -28,6 +29,7 @@ from edged.model import Model
 from edged.postprocess import Classification, Detections, Postprocessor, TaskResult
 from edged.preprocess import Preprocessor
 from edged.results import ResultBuilder, Timings
+from edged.scene import DetectionFilter, Scene, SceneUpdate, check_line_names
 from edged.sinks import Sink
 from edged.sources import FrameReader, redact
 from edged.stats import RateMeter, Window
@@ -57,12 +59,21 @@ class Pipeline:
         sinks: Sequence[Sink],
         device: str,
         where: str = "stream",
+        state_dir: str | None = None,
     ):
         self.config = config
         self.model = model
         self.sinks = list(sinks)
         self.device = device
         self.name = config.name
+        # Detect streams: masks and area bounds, then (with tracking) tracks, zones and lines.
+        self.filter = DetectionFilter(config)
+        self.scene: Scene | None = None
+        if config.task == "detect" and config.tracking is not None:
+            counts = Path(state_dir) / "lines" / f"{config.name}.json" if state_dir else None
+            self.scene = Scene(config, model.info.labels, device, counts, where,
+                               draw=self._track_snapshot)
+        self._frame_size: tuple[int, int] | None = None
         self.where = where
         self.paused = False
         self._post = Postprocessor(model.info, config, where)  # checks labels / thresholds
@@ -92,6 +103,12 @@ class Pipeline:
     def start(self) -> None:
         """Publish meta, start the reader and the worker thread."""
         self._publish("meta", self.meta(), retain=True)
+        if self.scene is not None:
+            now = time.time()
+            for name in self.config.zones:
+                self._publish(f"zones/{name}", self.scene.zone_state(name, now), retain=True)
+            for name in self.config.lines:
+                self._publish(f"lines/{name}", self.scene.line_state(name, now), retain=True)
         self.reader.start()
         self._thread.start()
 
@@ -108,6 +125,9 @@ class Pipeline:
             if self._thread.is_alive():
                 log.warning("stream %s: the frame in flight did not finish within %g s",
                             self.name, timeout)
+                return
+        if self.scene is not None and self._frame_size is not None:
+            self._publish_scene(self.scene.end_all(self._frame_size, time.time()))
 
     def wait_opened(self, timeout: float) -> str:
         """Wait until the source left "opening" (or ``timeout``); return its state."""
@@ -185,6 +205,8 @@ class Pipeline:
         inferred = time.monotonic()
         post, publish = self._post, self._post.stream.publish
         result = post(outputs, roi)
+        if isinstance(result, Detections):
+            result = self._follow(frame, result)
         timings = Timings(start, preprocessed, inferred, time.monotonic())
         self.processed += 1
         self.fps.tick(timings.done)
@@ -200,8 +222,35 @@ class Pipeline:
         if (isinstance(result, Detections) and publish.snapshot
                 and timings.done - self._last_snapshot >= publish.snapshot_interval):
             self._last_snapshot = timings.done
-            self._publish("snapshot", annotate.annotate_detections(frame.image, result))
+            self._publish("snapshot", annotate.annotate_detections(frame.image, result,
+                                                                   stream=self.config))
         return message
+
+    def _follow(self, frame: Frame, result: Detections) -> Detections:
+        """Masks and area bounds, then tracks, zones and lines: the detections the result
+        publishes (with their track ids); events, occupancy and counts go out here."""
+        if self.filter.active:
+            result = self.filter(result)
+        if self.scene is None:
+            return result
+        self._frame_size = (frame.image.shape[1], frame.image.shape[0])
+        update = self.scene.update(frame, result)
+        self._publish_scene(update)
+        return update.detections
+
+    def _publish_scene(self, update: SceneUpdate) -> None:
+        for event in update.events:
+            self._publish("events", event)
+        for name, state in update.zones.items():
+            self._publish(f"zones/{name}", state, retain=True)
+        for name, state in update.lines.items():
+            self._publish(f"lines/{name}", state, retain=True)
+        for track, jpeg in update.snapshots.items():
+            self._publish(f"events/{track}/snapshot", jpeg)
+
+    def _track_snapshot(self, image: Any, track: Any) -> bytes:
+        return annotate.track_snapshot(image, track.box,
+                                       f"{track.label} #{track.id} {track.score:.2f}")
 
     def _policy(self, result: TaskResult, publish: PublishConfig, now: float) -> bool:
         """Whether this result goes out under the stream's publish policy."""
@@ -267,9 +316,14 @@ class Pipeline:
                 if refused:
                     raise EdgedError(f"{refused[0]}: not allowed on this stream (commands: "
                                      f"{_allowed_text(self.config)})")
-                paused, fields = self.paused, {}
+                paused, fields, reset = self.paused, {}, []
                 for key, value in changes.items():
-                    if key in ("pause", "resume"):
+                    if key == "reset_lines":
+                        reset = check_line_names(list(self.config.lines) if value is True
+                                                 else value, self.config.lines)
+                        if not reset:
+                            raise EdgedError("reset_lines: this stream has no lines")
+                    elif key in ("pause", "resume"):
                         paused = value == (key == "pause")
                     elif key == "thresholds":
                         fields[key] = {**self.config.thresholds, **value}
@@ -279,6 +333,9 @@ class Pipeline:
                 post = Postprocessor(self.model.info, config, self.where)  # raises first
                 if not dry_run:
                     self._apply(config, post, paused)
+                    if reset and self.scene is not None:
+                        for name, state in self.scene.reset_lines(reset, time.time()).items():
+                            self._publish(f"lines/{name}", state, retain=True)
         except EdgedError as exc:
             return {"ok": False, "stream": self.name, "error": str(exc)}
         if not dry_run:
@@ -294,6 +351,8 @@ class Pipeline:
 
     def _apply(self, config: StreamConfig, post: Postprocessor, paused: bool) -> None:
         self.config, self._post, self.paused = config, post, paused
+        if self.scene is not None:
+            self.scene.retune(config)
         self.publish_status()
         self._publish("meta", self.meta(), retain=True)
 
@@ -369,6 +428,12 @@ def parse_command(message: Any) -> dict[str, Any]:
     for key, value in message.items():
         if key in SETTING_COMMANDS:
             changes[key] = check_value(StreamConfig, key, value, key)
+        elif key == "reset_lines":
+            if value is not True and not (isinstance(value, list) and value
+                                          and all(isinstance(v, str) for v in value)):
+                raise EdgedError(f"reset_lines: must be true (every line) or a list of line "
+                                 f"names, got {describe(value)}")
+            changes[key] = value
         elif key in COMMANDS:
             if not isinstance(value, bool):
                 raise EdgedError(f"{key}: must be true or false, got {describe(value)}")

@@ -74,11 +74,15 @@ class Detection:
     score: float
     box: tuple[float, float, float, float]
     box_norm: tuple[float, float, float, float]
+    track: int | None = None  # the track it belongs to, when the stream tracks objects
 
     def as_dict(self) -> dict[str, Any]:
-        """``{"label", "index", "score", "box", "box_norm"}``."""
-        return {"label": self.label, "index": self.index, "score": round(self.score, 4),
+        """``{"label", "index", "score", "box", "box_norm"}`` and ``"track"`` if tracked."""
+        data = {"label": self.label, "index": self.index, "score": round(self.score, 4),
                 **_box_dict(np.asarray(self.box), np.asarray(self.box_norm))}
+        if self.track is not None:
+            data["track"] = self.track
+        return data
 
 
 @dataclass(frozen=True)
@@ -201,6 +205,8 @@ class Postprocessor:
             self._allowed[info.detect.background] = False
             scores = np.array([stream.thresholds.get(label, stream.threshold)
                                for label in info.labels])
+            if stream.tracking is not None:  # the tracker also takes low-score detections
+                scores = np.minimum(scores, stream.tracking.low)
             self._logit_thresholds = np.where(self._allowed, score_to_logit(scores), np.inf)
 
     def __call__(self, outputs: dict[str, np.ndarray], roi: Roi) -> TaskResult:

@@ -172,7 +172,7 @@ class Server:
     def _start_stream(self, index: int, stream: StreamConfig) -> None:
         spec, model = self.models[stream.name]
         pipeline = Pipeline(stream, model, self.sinks, self.config.device,
-                            where=f"streams[{index}]")
+                            where=f"streams[{index}]", state_dir=self.config.state_dir)
         pipeline.start()
         self.streams[stream.name] = _Running(stream, spec, pipeline)
 

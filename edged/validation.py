@@ -83,17 +83,41 @@ def convert(tp: Any, value: Any, path: str, problems: Problems) -> Any:
         if not isinstance(value, list):
             problems.add(path, f"must be a list, got {describe(value)}")
             return None
+        length = _length_problem(tp, len(value))
+        if length:
+            problems.add(path, length)
+            return None
         return [convert(args[0], v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, Mapping):
             problems.add(path, f"must be a mapping, got {describe(value)}")
             return None
-        return {str(k): convert(args[1], v, join(path, k), problems) for k, v in value.items()}
+        converted = {}
+        for k, v in value.items():
+            key = convert(args[0], k, join(path, k), problems) if args[0] is not str else str(k)
+            converted[key] = convert(args[1], v, join(path, k), problems)
+        return converted
     try:
         return msgspec.convert(value, tp, strict=True)
     except msgspec.ValidationError:
         problems.add(path, _scalar_problem(tp, value))
         return None
+
+
+def _length_problem(tp: Any, length: int) -> str | None:
+    """Why a list of ``length`` items is too short or too long for ``tp``, or None."""
+    info = mi.type_info(tp)
+    _, extra = _unwrap(tp)
+    info = info.type if isinstance(info, mi.Metadata) else info
+    low, high = getattr(info, "min_length", None), getattr(info, "max_length", None)
+    if (low is None or length >= low) and (high is None or length <= high):
+        return None
+    if "error" in extra:
+        return extra["error"]
+    if low == high:
+        return f"must have exactly {low} items, got {length}"
+    return f"must have {low}..{high} items, got {length}" if high is not None \
+        else f"must have at least {low} items, got {length}"
 
 
 def _arm_for(arms: list[Any], value: Any) -> Any:

@@ -88,6 +88,14 @@ def swap_task(data: dict[str, Any], scene: dict[str, Path]) -> None:
     data["streams"][0].update(task="detect", model=str(scene["detector"]))
 
 
+def detect_with(key: str, value: Any) -> Change:
+    """A detect-only setting: the stream becomes a detector with it."""
+    def change(data: dict[str, Any], scene: dict[str, Path]) -> None:
+        swap_task(data, scene)
+        data["streams"][0][key] = value
+    return change
+
+
 def rename(data: dict[str, Any], scene: dict[str, Path]) -> None:
     data["streams"][0]["name"] = "gate"
 
@@ -113,6 +121,19 @@ STREAM_CASES: dict[str, tuple[Change, Shows]] = {
                 lambda s, _: cam(s).pipeline._post.stream.publish.policy == "change"),
     "threads": (stream_change("threads", 1), lambda s, _: threads_of(cam(s)) == 1),
     "memory": (stream_change("memory", "lean"), lambda s, _: not arena_of(cam(s))),
+    "track": (detect_with("track", {"max_age": 7}),
+              lambda s, _: getattr(cam(s).pipeline.scene, "tracker", None) is not None
+              and cam(s).pipeline.scene.tracker.max_age == 7),
+    "zones": (detect_with("zones", {"z": {"polygon": [[0, 0], [1, 0], [1, 1]]}}),
+              lambda s, _: "z" in getattr(cam(s).pipeline.scene, "zones", {})),
+    "lines": (detect_with("lines", {"gate": {"points": [[0, 0.5], [1, 0.5]]}}),
+              lambda s, _: "gate" in getattr(cam(s).pipeline.scene, "lines", {})),
+    "masks": (detect_with("masks", [[[0, 0], [1, 0], [1, 1]]]),
+              lambda s, _: len(cam(s).pipeline.filter.masks) == 1),
+    "min_area": (detect_with("min_area", {"person": 0.01}),
+                 lambda s, _: cam(s).pipeline.filter.min_area == {"person": 0.01}),
+    "max_area": (detect_with("max_area", {"person": 0.5}),
+                 lambda s, _: cam(s).pipeline.filter.max_area == {"person": 0.5}),
     "commands": (stream_change("commands", ["pause"]),
                  lambda s, _: not cam(s).pipeline.command({"fps": 1})["ok"]),
     "stall_timeout": (stream_change("stall_timeout", 7),

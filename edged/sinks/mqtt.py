@@ -33,7 +33,7 @@ from edged.sinks import CommandHandler, encode_payload
 
 log = logging.getLogger("edged.mqtt")
 
-RESULT = "result"  # the topic level whose messages go through the outbox
+QUEUED = ("result", "events")  # the topic levels whose messages go through the outbox
 SET = "set"  # command topic level; replies go to ".../set/reply"
 
 
@@ -111,14 +111,15 @@ class MqttSink:
     # -- the Sink interface ---------------------------------------------------------------------
 
     def publish(self, topic_suffix: str, payload: bytes | dict, retain: bool = False) -> None:
-        """Results (``<stream>/result``) go to the outbox and are sent in order with the
-        configured QoS; retained messages are remembered and resent on every connect; anything
-        else (snapshots, stats) is sent at QoS 0 when connected and skipped otherwise."""
+        """Results and events (``<stream>/result``, ``<stream>/events``) go to the outbox and
+        are sent in order with the configured QoS; retained messages are remembered and resent
+        on every connect; anything else (snapshots, stats) is sent at QoS 0 when connected and
+        skipped otherwise."""
         if not topic_suffix or any(c in topic_suffix for c in "+#\0"):
             raise EdgedError(f"mqtt: invalid topic suffix {topic_suffix!r}")
         topic = f"{self.prefix}/{topic_suffix}"
         data = encode_payload(payload)
-        if topic_suffix.rsplit("/", 1)[-1] == RESULT:
+        if topic_suffix.rsplit("/", 1)[-1] in QUEUED:
             try:
                 self._outbox.append(topic, data, self.config.qos)
             except EdgedError as exc:
