@@ -49,12 +49,14 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
         return Server(config, config_path=args.config).run()
 
     def check(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
         from edged.server import check as check_deployment
         from edged.server import setup_logging
 
         config = _config(args)
         setup_logging(args.log_level or "warning")
-        return check_deployment(config)
+        return check_deployment(config, draw=Path(args.draw) if args.draw else None)
 
     for name, func, text in (
         ("run", run, "run the daemon: one stream from flags, or a whole --config"),
@@ -79,6 +81,10 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
         one.add_argument("--state-dir", metavar="DIR", help="outbox and state (default: "
                          "$STATE_DIRECTORY, /var/lib/edged or ~/.local/state/edged)")
         cmd.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+        if name == "check":
+            cmd.add_argument("--draw", metavar="FILE.png",
+                             help="draw each stream's zones, lines and masks on a frame from "
+                                  "its source")
         cmd.set_defaults(func=func)
 
 

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import msgspec
 
-from edged import __version__, catalog
+from edged import __version__, annotate, catalog
 from edged.config import Config, MemoryMode, StreamConfig, load_config
 from edged.domain import SourceKind, SourceState, usable_cores
 from edged.errors import EdgedError
@@ -405,9 +406,11 @@ WARMUP_RUNS = 5
 FILE_FIRST_FRAME = 30.0  # seconds edged check waits for a file's first frame
 
 
-def check(config: Config, out: Any = sys.stdout) -> int:
+def check(config: Config, out: Any = sys.stdout, draw: Path | None = None) -> int:
     """Validate a deployment for real: open each source, load each model, time a warm-up
-    inference on a real frame and print a capacity estimate. Returns 0, or 1 on any problem."""
+    inference on a real frame and print a capacity estimate. Returns 0, or 1 on any problem.
+    ``draw``: write each stream's frame with its zones, lines and masks to this PNG (one file
+    per stream, named after it, when there are several)."""
     problems: list[str] = []
     try:
         models = {name: model for name, (_, model) in load_models(config).items()}
@@ -418,6 +421,13 @@ def check(config: Config, out: Any = sys.stdout) -> int:
     for i, stream in enumerate(config.streams):
         where = f"streams[{i}]"
         frame, fps = _first_frame(stream, where, problems)
+        if frame is not None and draw is not None:
+            picture = draw if len(config.streams) == 1 else draw.with_name(
+                f"{draw.stem}-{stream.name}{draw.suffix}")
+            if not cv2.imwrite(str(picture), annotate.draw_scene(frame.image, stream)):
+                problems.append(f"--draw: cannot write {picture}")
+            else:
+                print(f"drew {stream.name}'s zones, lines and masks on {picture}", file=out)
         model = models.get(stream.name)  # None: reported by load_models
         if frame is None or model is None:
             continue

@@ -23,7 +23,7 @@ pytest_plugins = ["helpers.broker"]
 # bikes.mp4's shot boundaries: the first frame of each new shot (25 frames/s, 250 frames).
 CUTS = {30, 76, 137, 187, 242}
 ZONES = {"left": {"polygon": [[0, 0], [0.5, 0], [0.5, 1], [0, 1]]}}
-LINES = {"middle": {"points": [[0.5, 0], [0.5, 1]], "directions": ["east", "west"]}}
+LINES = {"middle": {"points": [[0.5, 0], [0.5, 1]], "directions": ["westward", "eastward"]}}
 
 
 class Collecting:
@@ -144,7 +144,7 @@ def test_zone_and_line_over_a_run_and_a_restart(tmp_path: Path, mosquitto: Mosqu
             sub.client.publish("edged/scene/bikes/set", json.dumps({"reset_lines": True}), qos=1)
             assert sub.wait(lambda: len(sub.json("edged/scene/bikes/set/reply")) >= 2, 10)
             assert sub.json("edged/scene/bikes/set/reply")[-1]["ok"] is True
-            assert sub.wait(lambda: {"east": 0, "west": 0} in [
+            assert sub.wait(lambda: {"westward": 0, "eastward": 0} in [
                 m["total"] for m in sub.json("edged/scene/bikes/lines/middle")], 10)
             restart.send(signal.SIGTERM)
             restart.wait(30)
@@ -152,3 +152,29 @@ def test_zone_and_line_over_a_run_and_a_restart(tmp_path: Path, mosquitto: Mosqu
             restart.close()
     finally:
         sub.close()
+
+
+def test_check_draws_what_was_configured(tmp_path: Path, bikes_clip: Path,
+                                         converted_model) -> None:
+    """``edged check --draw`` shows the zones, lines and masks on a frame of the source."""
+    import subprocess
+    import sys
+
+    import cv2
+    import numpy as np
+
+    from edged.annotate import LINE_COLOUR, ZONE_COLOUR
+
+    config = write_config(tmp_path, {"stdout": True, "streams": [{
+        "name": "bikes", "task": "detect", "model": str(converted_model("ssd_mobilenet_v2_coco")),
+        "source": str(bikes_clip), "zones": ZONES, "lines": LINES,
+        "masks": [[[0.8, 0], [1, 0], [1, 0.3], [0.8, 0.3]]]}]})
+    picture = tmp_path / "scene.png"
+    done = subprocess.run([sys.executable, "-m", "edged", "check", "--config", str(config),
+                           "--draw", str(picture)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    image = cv2.imread(str(picture))
+    assert image.shape == (272, 640, 3)
+    for colour in (ZONE_COLOUR, LINE_COLOUR):
+        assert np.all(image == colour, axis=2).sum() > 100, colour
+    assert f"drew bikes's zones, lines and masks on {picture}" in done.stdout
