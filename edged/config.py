@@ -130,7 +130,7 @@ class TrackConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=True
 
     low: Annotated[Score, setting(
         "detections from this score up keep an existing track alive (ByteTrack's second "
-        "pass); new tracks need the stream's `threshold`")] = 0.1
+        "pass); new tracks need the stream's `threshold`")] = 0.3
     max_age: Annotated[Annotated[float, Meta(ge=0.1, le=3600)], setting(
         "seconds a track lives on without a detection before it ends")] = 2.0
     min_hits: Annotated[Annotated[int, Meta(ge=1, le=10)], setting(

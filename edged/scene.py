@@ -43,14 +43,16 @@ log = logging.getLogger(__name__)
 BETTER_SCORE = 0.05  # a best score this much higher is worth an update event
 
 
-def inside(polygon: np.ndarray, x: float, y: float) -> bool:
-    """Whether (x, y) lies inside ``polygon`` [N, 2] (even-odd ray casting)."""
-    xs, ys = polygon[:, 0], polygon[:, 1]
-    xj, yj = np.roll(xs, 1), np.roll(ys, 1)
-    straddle = (ys > y) != (yj > y)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cross_x = (xj - xs) * (y - ys) / (yj - ys) + xs
-    return bool(np.count_nonzero(straddle & (x < cross_x)) % 2)
+def inside(polygon: Sequence[Sequence[float]], x: float, y: float) -> bool:
+    """Whether (x, y) lies inside ``polygon`` (even-odd ray casting; plain Python: for a few
+    vertices it is many times faster than numpy's per-call overhead)."""
+    result = False
+    xj, yj = polygon[-1]
+    for xi, yi in polygon:
+        if (yi > y) != (yj > y) and x < (xj - xi) * (y - yi) / (yj - yi) + xi:
+            result = not result
+        xj, yj = xi, yi
+    return result
 
 
 def anchor_point(box: Sequence[float], anchor: str = "bottom_center") -> tuple[float, float]:
@@ -65,7 +67,7 @@ class DetectionFilter:
     ``min_area`` / larger than ``max_area`` (fractions of the frame) for its label."""
 
     def __init__(self, stream: StreamConfig) -> None:
-        self.masks = [np.asarray(m, dtype=np.float64) for m in stream.masks]
+        self.masks = stream.masks
         self.min_area, self.max_area = stream.min_area, stream.max_area
 
     @property
@@ -137,8 +139,7 @@ class Scene:
         self.tracker = Tracker(high=stream.threshold, low=min(tracking.low, stream.threshold),
                                max_age=tracking.max_age, min_hits=tracking.min_hits)
         self.cut = SceneCut()
-        self.zones = {name: (zone, np.asarray(zone.polygon, dtype=np.float64))
-                      for name, zone in stream.zones.items()}
+        self.zones = stream.zones
         self.lines = stream.lines
         self.counts_file = counts_file
         self.counts = _load_counts(counts_file, stream.lines)
@@ -272,11 +273,11 @@ class Scene:
                changed: set[str]) -> None:
         if follow.stationary:
             return  # a parked car neither enters nor leaves: its zones are held
-        for name, (zone, polygon) in self.zones.items():
+        for name, zone in self.zones.items():
             if zone.labels is not None and track.label not in zone.labels:
                 continue
             member = follow.zones.setdefault(name, _Membership())
-            now_inside = inside(polygon, *anchor_point(track.box, zone.anchor))
+            now_inside = inside(zone.polygon, *anchor_point(track.box, zone.anchor))
             member.streak = member.streak + 1 if now_inside != member.inside else 0
             if member.streak >= zone.inertia:
                 member.inside, member.streak = now_inside, 0

@@ -133,10 +133,10 @@ def test_zone_and_line_over_a_run_and_a_restart(tmp_path: Path, mosquitto: Mosqu
         # so that edged is still there to answer).
         looping = deployment(tmp_path, mosquitto, bikes_clip, model)
         looping["streams"][0]["source"]["loop"] = True
+        results = len(sub.on("edged/scene/bikes/result"))
         restart = Daemon("run", "--config", str(write_config(tmp_path, looping, "loop.yaml")))
-        try:
-            assert sub.wait(lambda: sub.on("edged/scene/availability")
-                            and sub.on("edged/scene/availability")[-1].payload == b"online", 30)
+        try:  # the stream runs once its results come
+            assert sub.wait(lambda: len(sub.on("edged/scene/bikes/result")) > results, 30)
             sub.client.publish("edged/scene/bikes/set", json.dumps({"reset_lines": ["midle"]}),
                                qos=1)
             assert sub.wait(lambda: sub.json("edged/scene/bikes/set/reply"), 10)
