@@ -325,6 +325,16 @@ class MqttConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=True)
         return "Mqtt" + repr(msgspec.to_builtins(shown))
 
 
+class HomeAssistantConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Home Assistant MQTT discovery: edged's device, streams, zones and lines appear in Home
+    Assistant by themselves (docs/homeassistant.md)."""
+
+    prefix: Annotated[
+        Annotated[str, Meta(pattern=TOPIC_PREFIX, max_length=256)],
+        setting("Home Assistant's discovery prefix", "live",
+                error="is not a valid topic prefix")] = "homeassistant"
+
+
 class LoggingConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What the daemon logs."""
 
@@ -359,6 +369,8 @@ class Config(Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
         "the broker (below); without it `stdout: true` is needed", "daemon")] = None
     stdout: Annotated[bool, setting("also write every message as one JSON line on stdout",
                                     "daemon")] = False
+    home_assistant: Annotated[HomeAssistantConfig | None, setting(
+        "Home Assistant MQTT discovery (below); none: off", "live")] = None
     state_dir: Annotated[Text, setting("outbox and state", "daemon")] = \
         msgspec.field(default_factory=default_state_dir)
     model_dir: Annotated[Text | None, setting(
@@ -377,6 +389,8 @@ class Config(Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
                            "(add an mqtt section or stdout: true)")
         if self.streams == []:
             yield "streams", "at least one stream is needed"
+        if self.home_assistant is not None and self.mqtt is None:
+            yield "home_assistant", "needs an mqtt section: discovery goes through the broker"
         seen: dict[str, int] = {}
         for i, stream in enumerate(self.streams):
             if stream.name in seen:
@@ -410,7 +424,8 @@ REFERENCE = (("Top level", Config), ("`streams[]`", StreamConfig),
              ("`streams[].publish`", PublishConfig), ("`streams[].track`", TrackConfig),
              ("`streams[].zones.<name>`", ZoneConfig), ("`streams[].lines.<name>`", LineConfig),
              ("`mqtt`", MqttConfig),
-             ("`mqtt.tls`", TLSConfig), ("`logging`", LoggingConfig))
+             ("`mqtt.tls`", TLSConfig), ("`home_assistant`", HomeAssistantConfig),
+             ("`logging`", LoggingConfig))
 
 
 def config_reference() -> str:

@@ -152,6 +152,7 @@ class Server:
         self._status = 0  # exit status of run(): 1 when a stream failed
         self._reload = threading.Event()
         self._stalled: set[str] = set()
+        self._announced: dict[str, bytes] = {}  # Home Assistant discovery, by topic
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -161,6 +162,7 @@ class Server:
         self.notifier.notify(STATUS="loading models")
         self.models = load_models(self.config)
         self.sinks = open_sinks(self.config, on_command=self.handle_command)
+        self.announce()
         for i, stream in enumerate(self.config.streams):
             self._start_stream(i, stream)
         self.notifier.notify(STATUS="opening sources")
@@ -234,6 +236,39 @@ class Server:
                 log.warning("closing a sink: %s", exc)
         self.sinks = []
         log.info("stopped")
+
+    def announce(self) -> None:
+        """Publish the Home Assistant discovery of the running configuration (and remove what
+        an earlier one announced and this one lacks); again whenever Home Assistant says it is
+        back online. Nothing without an MQTT sink."""
+        from edged.homeassistant import Discovery, record_path, replace_record
+        from edged.sinks.mqtt import MqttSink
+
+        sink = next((s for s in self.sinks if isinstance(s, MqttSink)), None)
+        if sink is None:
+            return
+        if self.config.home_assistant is None:
+            messages: dict[str, bytes] = {}
+            removed = replace_record(record_path(self.config.state_dir), messages)
+        else:
+            discovery = Discovery(self.config, self.config.state_dir)
+            messages = discovery.messages()
+            removed = discovery.removed(messages)
+
+            def on_status(payload: bytes) -> None:
+                if payload == b"online":  # Home Assistant restarted: announce again
+                    for topic, data in self._announced.items():
+                        sink.publish_retained(topic, data)
+
+            sink.watch(discovery.status_topic, on_status)
+        self._announced = messages
+        for topic in removed:
+            sink.publish_retained(topic, b"")
+        for topic, data in messages.items():
+            sink.publish_retained(topic, data)
+        if messages or removed:
+            log.info("home assistant: %d entities announced, %d removed", len(messages),
+                     len(removed))
 
     def request_exit(self) -> None:
         """Ask ``serve()`` to return (thread-safe; what SIGTERM does)."""
@@ -364,6 +399,7 @@ class Server:
         self.config = msgspec.structs.replace(
             new, streams=[r.config for r in self.streams.values()])
         logging.getLogger().setLevel(self.config.logging.level.upper())
+        self.announce()
         self.notifier.notify(READY=1, STATUS=self._status_line())
         return True
 

@@ -179,6 +179,11 @@ TOP_CASES: dict[str, tuple[Change, Shows]] = {
     "stdout": (lambda data, _: data.update(stdout=False, mqtt={"host": "127.0.0.1"}),
                lambda s, _: s.config.stdout is False),
     "state_dir": kept("state_dir", "/tmp/elsewhere"),
+    # Discovery needs a broker: the file gains one too (a broker takes a restart, discovery
+    # settings do not).
+    "home_assistant": (lambda data, _: data.update(home_assistant={"prefix": "ha"},
+                                                   mqtt={"host": "127.0.0.1"}),
+                       lambda s, _: getattr(s.config.home_assistant, "prefix", None) == "ha"),
     "model_dir": (top_change("model_dir", lambda sc: str(sc["a"])),
                   lambda s, sc: s.config.model_dir == str(sc["a"])),
     "stats_interval": (top_change("stats_interval", 3), lambda s, _: s.config.stats_interval == 3),
