@@ -20,6 +20,7 @@ import ssl
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -28,7 +29,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edged.config import MqttConfig
 from edged.errors import EdgedError
-from edged.outbox import Outbox
+from edged.outbox import Entry, Outbox
 from edged.sinks import CommandHandler, encode_payload
 
 log = logging.getLogger("edged.mqtt")
@@ -53,8 +54,10 @@ class MqttSink:
         self.availability_topic = f"{self.prefix}/availability"
         self._on_command = on_command
         self._max_inflight = max_inflight
-        self._outbox = Outbox(outbox_dir, config.outbox_max)
+        self._outbox = Outbox(outbox_dir, config.outbox_max, max_bytes=config.outbox_max_mb << 20,
+                              max_age=config.outbox_max_age, full=config.outbox_full)
         self._retained: dict[str, bytes] = {}  # topic -> latest retained payload, resent on connect
+        self._watched: dict[str, Callable[[bytes], None]] = {}  # topic -> callback (watch())
         self._retained_lock = threading.Lock()
         self._acked_mids: set[int] = set()  # filled by the network thread, drained by the sender
         self._acked_lock = threading.Lock()
@@ -132,10 +135,24 @@ class MqttSink:
             self._kick.set()
             return
         if retain:
-            with self._retained_lock:
-                self._retained[topic] = data
+            self.publish_retained(topic, data)
+        elif self._connected:
+            self._client.publish(topic, data, qos=0)
+
+    def publish_retained(self, topic: str, data: bytes) -> None:
+        """Publish a retained message on any topic (not only under the device's prefix, e.g.
+        Home Assistant's discovery), again after every reconnect."""
+        with self._retained_lock:
+            self._retained[topic] = data
         if self._connected:
-            self._client.publish(topic, data, qos=1 if retain else 0, retain=retain)
+            self._client.publish(topic, data, qos=1, retain=True)
+
+    def watch(self, topic: str, callback: Callable[[bytes], None]) -> None:
+        """Call ``callback(payload)`` (on the network thread: keep it quick) for each message
+        on ``topic``; subscribed on every connect."""
+        self._watched[topic] = callback
+        if self._connected:
+            self._client.subscribe(topic, 1)
 
     def close(self, timeout: float = 2.0) -> None:
         """Deliver what the broker takes within ``timeout`` seconds, publish "offline", disconnect.
@@ -162,13 +179,21 @@ class MqttSink:
         self._outbox.close()
 
     def stats(self) -> dict[str, Any]:
-        """Counters: results delivered, waiting in the outbox, dropped; connection state."""
+        """Counters: results delivered, waiting in the outbox, lost (``dropped``: for any reason,
+        ``expired`` and ``quarantined`` among them); connection state."""
+        outbox = self._outbox
+        age = outbox.oldest_age()
         return {
             "connected": self._connected,
             "sent": self._sent,
-            "queued": len(self._outbox),
+            "queued": len(outbox),
+            "queued_bytes": outbox.nbytes,
+            "oldest_age_s": None if age is None else round(age, 1),
             "inflight": self._inflight_count,
-            "dropped": self._outbox.dropped + self._outbox.corrupt + self._lost,
+            "dropped": (outbox.dropped + outbox.expired + outbox.corrupt + outbox.quarantined
+                        + self._lost),
+            "expired": outbox.expired,
+            "quarantined": outbox.quarantined,
             "reconnects": max(0, self._generation - 1),
             "last_error": self._last_error,
         }
@@ -207,6 +232,8 @@ class MqttSink:
                 if self.config.protocol == "5" else 1
             client.subscribe([(f"{self.prefix}/{SET}", options),
                               (f"{self.prefix}/+/{SET}", options)])
+        for topic in list(self._watched):
+            client.subscribe(topic, 1)
         self._kick.set()
 
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -239,6 +266,13 @@ class MqttSink:
         self._kick.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        watcher = self._watched.get(message.topic)
+        if watcher is not None:
+            try:
+                watcher(message.payload)
+            except Exception:  # a broken watcher must never stop the network thread
+                log.exception("mqtt: handling %s failed", message.topic)
+            return
         levels = message.topic[len(self.prefix) + 1:].split("/")
         stream = levels[0] if len(levels) == 2 else None
         if not message.payload:
@@ -305,11 +339,21 @@ class MqttSink:
             return
         after = inflight[-1][0] if inflight else None
         for entry in self._outbox.peek(room, after=after):
-            info = self._client.publish(entry.topic, entry.payload, qos=entry.qos)
+            # A record the client refuses would be refused again forever and hold up every
+            # one behind it: it leaves the queue for the outbox's quarantine file.
+            try:
+                info = self._client.publish(entry.topic, entry.payload, qos=entry.qos)
+            except (ValueError, TypeError) as exc:
+                self._quarantine(entry, str(exc))
+                continue
             if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and entry.qos == 0:
                 return  # not queued by the client: retry from the outbox after reconnecting
             if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                log.warning("mqtt: cannot send %s: %s", entry.topic, mqtt.error_string(info.rc))
-                return
+                self._quarantine(entry, mqtt.error_string(info.rc))
+                continue
             # QoS 1/2 with NO_CONN: the client keeps the message and sends it on reconnecting.
             inflight.append((entry.id, info.mid))
+
+    def _quarantine(self, entry: Entry, reason: str) -> None:
+        self._outbox.quarantine(entry, reason)
+        self._kick.set()  # its place in flight is free: send the next one without waiting
