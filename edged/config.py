@@ -325,6 +325,41 @@ class MqttConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=True)
         return "Mqtt" + repr(msgspec.to_builtins(shown))
 
 
+LOOPBACK = ("127.", "::1", "localhost")
+
+
+class HttpConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The web view, health check and metrics (docs/web.md)."""
+
+    resolved: ClassVar[frozenset[str]] = frozenset({"token"})
+    refused: ClassVar[Mapping[str, str]] = {
+        "token": "not allowed in the file; use token_env or token_file"}
+
+    address: Annotated[Text, setting(
+        "address to listen on; anything but loopback needs a token", "daemon")] = "127.0.0.1"
+    port: Annotated[Annotated[int, Meta(ge=1, le=65535)], setting("port", "daemon")] = 8080
+    token_env: Annotated[Text | None, setting(
+        "environment variable holding the access token (bearer, or basic auth's password)",
+        "daemon")] = None
+    token_file: Annotated[Text | None, setting(
+        "file whose first line is the access token", "daemon")] = None
+    preview_fps: Annotated[Annotated[float, Meta(ge=0.1, le=30)], setting(
+        "frames per second at most in a live preview", "daemon")] = 5.0
+    # Read from token_env / token_file by resolve_config; never logged or printed.
+    token: str | None = None
+
+    def rules(self) -> Iterable[tuple[str, str]]:
+        if self.token_env and self.token_file:
+            yield "", "give token_env or token_file, not both"
+        elif not self.address.startswith(LOOPBACK) and not (self.token_env or self.token_file):
+            yield "address", (f"{self.address!r} is reachable from other machines: give "
+                              "token_env or token_file")
+
+    def __repr__(self) -> str:
+        shown = msgspec.structs.replace(self, token=None if self.token is None else "***")
+        return "Http" + repr(msgspec.to_builtins(shown))
+
+
 class HomeAssistantConfig(Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Home Assistant MQTT discovery: edged's device, streams, zones and lines appear in Home
     Assistant by themselves (docs/homeassistant.md)."""
@@ -369,6 +404,8 @@ class Config(Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
         "the broker (below); without it `stdout: true` is needed", "daemon")] = None
     stdout: Annotated[bool, setting("also write every message as one JSON line on stdout",
                                     "daemon")] = False
+    http: Annotated[HttpConfig | None, setting(
+        "the web view, health check and metrics (below); none: off", "daemon")] = None
     home_assistant: Annotated[HomeAssistantConfig | None, setting(
         "Home Assistant MQTT discovery (below); none: off", "live")] = None
     state_dir: Annotated[Text, setting("outbox and state", "daemon")] = \
@@ -401,8 +438,9 @@ class Config(Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     def redacted(self) -> dict[str, Any]:
         """The configuration as plain data with secrets masked: safe to log or print."""
         data = msgspec.to_builtins(self)
-        if data.get("mqtt") and data["mqtt"]["password"] is not None:
-            data["mqtt"]["password"] = "***"
+        for section, secret in (("mqtt", "password"), ("http", "token")):
+            if data.get(section) and data[section][secret] is not None:
+                data[section][secret] = "***"
         return data
 
     def stream(self, name: str) -> StreamConfig:
@@ -424,7 +462,8 @@ REFERENCE = (("Top level", Config), ("`streams[]`", StreamConfig),
              ("`streams[].publish`", PublishConfig), ("`streams[].track`", TrackConfig),
              ("`streams[].zones.<name>`", ZoneConfig), ("`streams[].lines.<name>`", LineConfig),
              ("`mqtt`", MqttConfig),
-             ("`mqtt.tls`", TLSConfig), ("`home_assistant`", HomeAssistantConfig),
+             ("`mqtt.tls`", TLSConfig), ("`http`", HttpConfig),
+             ("`home_assistant`", HomeAssistantConfig),
              ("`logging`", LoggingConfig))
 
 
@@ -479,8 +518,10 @@ def resolve_config(config: Config, base_dir: Path, problems: Problems,
                 problems.add(f"{where}.source.uri", f"no such file or folder: {source.uri}")
         streams.append(msgspec.structs.replace(stream, model=model, source=source))
     mqtt = config.mqtt and _resolve_mqtt(config.mqtt, path, problems, environ)
+    http = config.http and msgspec.structs.replace(config.http, token=_read_secret(
+        "http.token", config.http.token_env, config.http.token_file, path, problems, environ))
     return msgspec.structs.replace(
-        config, streams=streams, mqtt=mqtt,
+        config, streams=streams, mqtt=mqtt, http=http,
         state_dir=config.state_dir and path(config.state_dir),
         model_dir=config.model_dir and path(config.model_dir))
 
@@ -492,22 +533,30 @@ def _is_file_uri(uri: str) -> bool:
         return False  # reported by validation
 
 
-def _resolve_mqtt(mqtt: MqttConfig, path: Any, problems: Problems,
-                  environ: Mapping[str, str]) -> MqttConfig:
-    password = None
-    if mqtt.password_env and not mqtt.password_file:
-        password = environ.get(mqtt.password_env)
-        if password is None:
-            problems.add("mqtt.password_env",
-                         f"environment variable {mqtt.password_env} is not set")
-    elif mqtt.password_file and not mqtt.password_env:
-        file = path(mqtt.password_file)
+def _read_secret(where: str, env: str | None, file: str | None, path: Any, problems: Problems,
+                 environ: Mapping[str, str]) -> str | None:
+    """A secret from an environment variable or the first line of a file (both given is a
+    rule's problem, reported by validation)."""
+    if env and not file:
+        secret = environ.get(env)
+        if secret is None:
+            problems.add(f"{where}_env", f"environment variable {env} is not set")
+        return secret
+    if file and not env:
+        name = path(file)
         try:
             # One line, like a credentials file; the trailing newline is not part of it.
-            password = Path(file).read_text(encoding="utf-8").rstrip("\r\n")
+            return Path(name).read_text(encoding="utf-8").rstrip("\r\n")
         except (OSError, UnicodeDecodeError) as exc:
-            problems.add("mqtt.password_file",
-                         f"cannot read {file}: {getattr(exc, 'strerror', None) or exc}")
+            problems.add(f"{where}_file",
+                         f"cannot read {name}: {getattr(exc, 'strerror', None) or exc}")
+    return None
+
+
+def _resolve_mqtt(mqtt: MqttConfig, path: Any, problems: Problems,
+                  environ: Mapping[str, str]) -> MqttConfig:
+    password = _read_secret("mqtt.password", mqtt.password_env, mqtt.password_file, path,
+                            problems, environ)
     tls = mqtt.tls
     if tls is not None:
         files = {}

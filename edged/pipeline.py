@@ -28,11 +28,12 @@ from edged.frame import Frame
 from edged.model import Model
 from edged.postprocess import Classification, Detections, Postprocessor, TaskResult
 from edged.preprocess import Preprocessor
+from edged.preview import Preview
 from edged.results import ResultBuilder, Timings
 from edged.scene import DetectionFilter, Scene, SceneUpdate, check_line_names
 from edged.sinks import Sink
 from edged.sources import FrameReader, redact
-from edged.stats import RateMeter, Window
+from edged.stats import Histogram, RateMeter, Window
 from edged.validation import check_value, describe
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ class Pipeline:
             self.scene = Scene(config, model.info.labels, device, counts, where,
                                draw=self._track_snapshot)
         self._frame_size: tuple[int, int] | None = None
+        self.preview = Preview()  # for the web view: nothing drawn unless someone watches
+        self.last_result: dict[str, Any] | None = None
+        self.inference_ms = Histogram()
         self.where = where
         self.paused = False
         self._post = Postprocessor(model.info, config, where)  # checks labels / thresholds
@@ -213,11 +217,14 @@ class Pipeline:
         latency = timings.latency(frame)
         for key, value in latency.items():
             self.timings[key].add(value)
+        self.inference_ms.add(latency["inference"])
+        self.preview.offer(frame.image, result, post.stream)
         if not self._policy(result, publish, timings.done):
             self.skipped += 1
             return None
         message = self.results.build(frame, latency, result)
         self._publish("result", message)
+        self.last_result = message
         self.published += 1
         if (isinstance(result, Detections) and publish.snapshot
                 and timings.done - self._last_snapshot >= publish.snapshot_interval):

@@ -153,6 +153,7 @@ class Server:
         self._reload = threading.Event()
         self._stalled: set[str] = set()
         self._announced: dict[str, bytes] = {}  # Home Assistant discovery, by topic
+        self.web: Any = None  # the WebServer, when http: is on
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -163,6 +164,11 @@ class Server:
         self.models = load_models(self.config)
         self.sinks = open_sinks(self.config, on_command=self.handle_command)
         self.announce()
+        if self.config.http is not None:
+            from edged.web import WebServer
+
+            self.web = WebServer(self, self.config.http)
+            self.web.start()
         for i, stream in enumerate(self.config.streams):
             self._start_stream(i, stream)
         self.notifier.notify(STATUS="opening sources")
@@ -225,6 +231,8 @@ class Server:
         if not self.sinks and not self.streams:
             return  # start() failed before anything ran
         self.notifier.notify(STOPPING=1, STATUS="stopping")
+        if self.web is not None:
+            self.web.stop()
         for running in self.streams.values():
             running.pipeline.stop()
         for running in self.streams.values():

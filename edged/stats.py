@@ -6,6 +6,7 @@ where a file is not readable (containers, non-Linux development machines).
 
 from __future__ import annotations
 
+import bisect
 import glob
 import os
 import resource
@@ -120,3 +121,32 @@ class RateMeter:
     def _trim(self, now: float) -> None:
         while self._times and now - self._times[0] > self.span:
             self._times.popleft()
+
+
+# Bounds (ms) of the inference-time histogram: a desktop CPU's 5 ms to a Pi's segmentation.
+LATENCY_BUCKETS_MS = (5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
+
+
+class Histogram:
+    """Counts of values at or under fixed bounds since start, their sum and count: what a
+    Prometheus histogram exposes (one ``bisect`` per value on the frame path)."""
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS_MS) -> None:
+        self.bounds = bounds
+        self._counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def add(self, value: float) -> None:
+        """Count one value."""
+        self._counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def buckets(self) -> list[tuple[str, int]]:
+        """Cumulative ``(upper bound, count)`` pairs, ending with ``("+Inf", count)``."""
+        total, out = 0, []
+        for bound, n in zip((*map(str, self.bounds), "+Inf"), self._counts, strict=True):
+            total += n
+            out.append((bound, total))
+        return out
