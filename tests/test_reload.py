@@ -174,7 +174,9 @@ def add_stream(data: dict[str, Any], scene: dict[str, Path]) -> None:
 TOP_CASES: dict[str, tuple[Change, Shows]] = {
     "device": kept("device", "other"),
     "streams": (add_stream, lambda s, _: set(s.streams) == {"cam", "gate"}),
-    "mqtt": kept("mqtt", {"host": "127.0.0.1"}),
+    "mqtt": (top_change("mqtt", {"host": "127.0.0.1"}),
+             lambda s, _: getattr(s.config.mqtt, "host", None) == "127.0.0.1"),
+    "http": (top_change("http", {"port": 18089}), lambda s, _: s.config.http is not None),
     # Without stdout a broker is needed: the reload finds both changed and keeps both.
     "stdout": (lambda data, _: data.update(stdout=False, mqtt={"host": "127.0.0.1"}),
                lambda s, _: s.config.stdout is False),
