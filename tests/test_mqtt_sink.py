@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from helpers import wait_until
 from helpers.broker import (  # noqa: F401 (fixtures)
     Mosquitto,
     Subscriber,
@@ -58,14 +59,6 @@ def make_sink(tmp_path: Path) -> Iterator[Sinks]:
     for sink in sinks.open:
         sink.close(timeout=0.5)
 
-
-def wait_until(predicate: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def sequences(sub: Subscriber, topic: str) -> list[int]:

@@ -14,6 +14,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 from helpers.broker import (  # noqa: F401 (fixtures)
     Mosquitto,
     Subscriber,
@@ -53,14 +54,6 @@ def record_v1(entry_id: int, topic: bytes, data: bytes, qos: int = 1) -> bytes:
     body = struct.pack("<QBHI", entry_id, qos, len(topic), len(data)) + topic + data
     return b"\xedOB1" + struct.pack("<I", zlib.crc32(body)) + body
 
-
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_append_peek_ack_in_order(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 from helpers.broker import Mosquitto, Subscriber
 
 from edged.errors import EdgedError
@@ -57,14 +58,6 @@ def fill_up(directory: Path) -> Path:
         os.close(fd)
     return ballast
 
-
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def sequences(sub: Subscriber) -> list[int]:

@@ -30,3 +30,13 @@ def stream_settings(task: str = "detect", **settings: object) -> StreamConfig:
     publish = {key: settings.pop(key) for key in ("class_map", "class_map_size")
                if key in settings}
     return standalone_stream(task, **settings, **({"publish": publish} if publish else {}))
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` every 20 ms until it holds; whether it did within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
