@@ -63,6 +63,7 @@ class Entry(NamedTuple):
     topic: str
     payload: bytes
     qos: int
+    stored: float | None = None  # when it was stored (Unix seconds); None: an older format
 
 
 class _Segment:
@@ -107,7 +108,7 @@ def _decode(data: bytes | memoryview, offset: int) -> tuple[Entry, float | None,
     except UnicodeDecodeError:
         return None
     payload = bytes(data[topic_start + topic_len:end])
-    return Entry(entry_id, topic, payload, qos), stamp, end - offset
+    return Entry(entry_id, topic, payload, qos, stamp), stamp, end - offset
 
 
 class Outbox:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import paho.mqtt.client as mqtt
 import pytest
 from helpers import wait_until
 from helpers.broker import (  # noqa: F401 (fixtures)
@@ -25,6 +26,7 @@ from helpers.broker import (  # noqa: F401 (fixtures)
     mqtt_certs_fixture,
     private_mosquitto_fixture,
 )
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edged.config import Config, MqttConfig, SourceConfig, StreamConfig, TLSConfig
 from edged.errors import EdgedError
@@ -428,3 +430,38 @@ def test_open_sinks_builds_what_the_config_asks(mosquitto: Mosquitto, tmp_path: 
     assert line == {"topic": topic, "payload": {"sequence": 7}}
     assert sequences(sub, topic) == [7]
     sub.close()
+
+
+def test_mqtt5_expiry_schema_and_request_response(mosquitto: Mosquitto, make_sink: Sinks) -> None:
+    """With protocol 5: a result expires when the outbox would have dropped it and names its
+    schema; a command asking for a response (response topic + correlation data) gets one."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    got: list[Any] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
+                         client_id="test-v5")
+    client.on_message = lambda c, u, message: got.append(message)
+    client.connect(mosquitto.host, mosquitto.port)
+    client.subscribe([("edged/v5/cam/result", 1), ("answers/me", 1)])
+    client.loop_start()
+    try:
+        sink = make_sink(mosquitto.config(protocol="5", outbox_max_age=3600), "v5",
+                         on_command=lambda stream, payload: {"ok": True, "stream": stream})
+        assert wait_until(lambda: sink.connected)
+        time.sleep(0.3)
+        sink.publish("cam/result", {"sequence": 1})
+        assert wait_until(lambda: any(m.topic == "edged/v5/cam/result" for m in got))
+        result = next(m for m in got if m.topic == "edged/v5/cam/result")
+        assert ("schema", "1") in result.properties.UserProperty
+        assert 3590 <= result.properties.MessageExpiryInterval <= 3600
+        ask = Properties(PacketTypes.PUBLISH)
+        ask.ResponseTopic, ask.CorrelationData = "answers/me", b"req-42"
+        client.publish("edged/v5/cam/set", b'{"pause": true}', qos=1, properties=ask)
+        assert wait_until(lambda: any(m.topic == "answers/me" for m in got))
+        answer = next(m for m in got if m.topic == "answers/me")
+        assert answer.properties.CorrelationData == b"req-42"
+        assert json.loads(answer.payload) == {"ok": True, "stream": "cam"}
+    finally:
+        client.loop_stop()
+        client.disconnect()

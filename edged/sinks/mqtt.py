@@ -25,11 +25,14 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edged.config import MqttConfig
 from edged.errors import EdgedError
 from edged.outbox import Entry, Outbox
+from edged.results import SCHEMA_VERSION
 from edged.sinks import CommandHandler, encode_payload
 
 log = logging.getLogger("edged.mqtt")
@@ -298,6 +301,14 @@ class MqttSink:
                         type(exc).__name__, exc)
             data = encode_payload({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
         client.publish(f"{message.topic}/reply", data, qos=1)
+        request = getattr(message, "properties", None)
+        response_topic = getattr(request, "ResponseTopic", None)
+        if response_topic:  # MQTT 5 request / response: the asker names where, and what to echo
+            properties = Properties(PacketTypes.PUBLISH)
+            correlation = getattr(request, "CorrelationData", None)
+            if correlation is not None:
+                properties.CorrelationData = correlation
+            client.publish(response_topic, data, qos=1, properties=properties)
 
     # -- the sender thread ----------------------------------------------------------------------
 
@@ -342,7 +353,8 @@ class MqttSink:
             # A record the client refuses would be refused again forever and hold up every
             # one behind it: it leaves the queue for the outbox's quarantine file.
             try:
-                info = self._client.publish(entry.topic, entry.payload, qos=entry.qos)
+                info = self._client.publish(entry.topic, entry.payload, qos=entry.qos,
+                                            properties=self._properties(entry))
             except (ValueError, TypeError) as exc:
                 self._quarantine(entry, str(exc))
                 continue
@@ -353,6 +365,17 @@ class MqttSink:
                 continue
             # QoS 1/2 with NO_CONN: the client keeps the message and sends it on reconnecting.
             inflight.append((entry.id, info.mid))
+
+    def _properties(self, entry: Entry) -> Properties | None:
+        """MQTT 5: the result expires when the outbox would have dropped it (its remaining
+        ``outbox_max_age``), and says which result schema it follows."""
+        if self.config.protocol != "5":
+            return None
+        age = 0.0 if entry.stored is None else max(0.0, time.time() - entry.stored)
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.MessageExpiryInterval = max(1, int(self.config.outbox_max_age - age))
+        properties.UserProperty = [("schema", str(SCHEMA_VERSION))]
+        return properties
 
     def _quarantine(self, entry: Entry, reason: str) -> None:
         self._outbox.quarantine(entry, reason)
