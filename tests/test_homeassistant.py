@@ -14,12 +14,14 @@ from helpers.broker import Subscriber
 from helpers.daemon import write_config
 
 from edged.config import load_config
+from edged.homeassistant import Discovery
 from edged.server import Server
 
 if TYPE_CHECKING:
     from helpers.broker import Mosquitto
+    from helpers.homeassistant import HomeAssistant
 
-pytest_plugins = ["helpers.broker"]
+pytest_plugins = ["helpers.broker", "helpers.homeassistant"]
 
 
 def deployment(tmp_path: Path, broker: Mosquitto, model: Path, images: Path,
@@ -57,7 +59,9 @@ def test_discovery_on_a_real_broker(tmp_path: Path, mosquitto: Mosquitto,
     server = Server(load_config(path), path)
     try:
         server.start()
-        assert sub.wait(lambda: len(configs(sub)) >= 20, 15), configs(sub)
+        expected = set(Discovery(server.config).messages())
+        assert len(expected) > 20
+        assert sub.wait(lambda: set(configs(sub)) == expected, 15), set(configs(sub)) ^ expected
         announced = {t: json.loads(p) for t, p in configs(sub).items()}
         ids = [c["unique_id"] for c in announced.values()]
         assert len(ids) == len(set(ids)), "unique ids repeat"
@@ -73,7 +77,8 @@ def test_discovery_on_a_real_broker(tmp_path: Path, mosquitto: Mosquitto,
 
         # A late subscriber (Home Assistant starting after edged) finds them retained.
         late = Subscriber(mosquitto, "homeassistant/#")
-        assert late.wait(lambda: set(configs(late)) == set(announced), 10)
+        assert late.wait(lambda: set(configs(late)) == set(announced), 10), (
+            set(configs(late)) ^ set(announced))
         late.close()
 
         # Home Assistant announces itself: everything is published again.
@@ -104,3 +109,50 @@ def test_discovery_on_a_real_broker(tmp_path: Path, mosquitto: Mosquitto,
     finally:
         server.stop()
         sub.close()
+
+
+def test_a_real_home_assistant_shows_and_drives_edged(tmp_path: Path, mosquitto: Mosquitto,
+                                                     homeassistant: HomeAssistant,
+                                                     converted_model) -> None:
+    """Home Assistant 2024.3.3, headless on loopback, its MQTT integration on the test broker:
+    edged's entities appear, a person count of 1 on a frame with one person, and the switch
+    toggled in Home Assistant pauses the stream."""
+    ha = homeassistant
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "astronaut.png"), np.ascontiguousarray(
+        skimage.data.astronaut()[..., ::-1]))
+    data = deployment(tmp_path, mosquitto, converted_model("ssd_mobilenet_v2_coco"), images,
+                      ("porch",))
+    data["device"] = "ha-real"
+    path = write_config(tmp_path, data)
+    server = Server(load_config(path), path)
+    try:
+        server.start()
+        count = ha.wait_for(lambda: ha.entity_id("edged_ha_real_porch_person_count"), 30,
+                            "the person count appears")
+        assert count == "sensor.edged_ha_real_porch_person_count"
+        ha.wait_for(lambda: ha.state(count)["state"] == "1", 30, "one person counted")
+        presence = ha.entity_id("edged_ha_real_porch_presence")
+        ha.wait_for(lambda: ha.state(presence)["state"] == "on", 20, "presence is on")
+        switch = ha.entity_id("edged_ha_real_porch_running")
+        ha.wait_for(lambda: ha.state(switch)["state"] == "on", 20, "the stream runs")
+        for unique in ("edged_ha_real_porch_threshold", "edged_ha_real_porch_snapshot",
+                       "edged_ha_real_porch_drive_person", "edged_ha_real_porch_gate_car_in",
+                       "edged_ha_real_cpu_temperature", "edged_ha_real_outbox",
+                       "edged_ha_real_porch_fps"):
+            assert ha.entity_id(unique), unique
+        threshold = ha.entity_id("edged_ha_real_porch_threshold")
+        ha.wait_for(lambda: ha.state(threshold)["state"] == "0.5", 20, "the threshold shows")
+
+        ha.call_service("switch", "turn_off", {"entity_id": switch})
+        pipeline = server.streams["porch"].pipeline
+        ha.wait_for(lambda: pipeline.paused, 10, "the stream is paused")
+        ha.wait_for(lambda: ha.state(switch)["state"] == "off", 10, "the switch shows off")
+        ha.call_service("number", "set_value", {"entity_id": threshold, "value": 0.7})
+        ha.wait_for(lambda: pipeline.config.threshold == 0.7, 10, "the threshold is 0.7")
+        assert "ERROR" not in ha.log(500), ha.log()
+    finally:
+        server.stop()
+    # edged's last word: every entity unavailable.
+    ha.wait_for(lambda: ha.state(count)["state"] == "unavailable", 20, "unavailable")
