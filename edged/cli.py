@@ -330,6 +330,89 @@ def _add_convert_command(sub: argparse._SubParsersAction) -> None:
     cmd.set_defaults(func=convert)
 
 
+def _add_collect_command(sub: argparse._SubParsersAction) -> None:
+    """``edged collect``: a fleet's results into a database, and the built-in queries over it
+    (docs/fleet.md)."""
+
+    def collect(args: argparse.Namespace) -> int:
+        import socket
+
+        from edged.collect import (
+            CollectSettings,
+            check_names,
+            collect,
+            parse_broker,
+            session_expiry,
+        )
+        from edged.collect import setup_logging as collect_logging
+        from edged.reports import query_text
+
+        collect_logging(args.log_level)
+        if args.query:
+            print(query_text(args.database, args.query, args.since, args.device, args.json))
+            return 0
+        if not args.broker:
+            raise EdgedError("collect: give --broker HOST[:PORT] (or --query NAME)")
+        host, port = parse_broker(args.broker)
+        check_names(args.group, args.prefix)
+        password = None
+        if args.password_env:
+            password = os.environ.get(args.password_env)
+            if password is None:
+                raise EdgedError(f"--password-env: the environment has no {args.password_env}")
+        if args.tls_key and not args.tls_cert:
+            raise EdgedError("--tls-key goes with --tls-cert")
+        if args.batch < 1 or not 1 <= args.batch_ms <= 10_000:
+            raise EdgedError("--batch must be at least 1 and --batch-ms from 1 to 10000")
+        collect(CollectSettings(
+            host=host, port=port, group=args.group, prefix=args.prefix,
+            client_id=args.client_id or f"edged-collect-{args.group}-{socket.gethostname()}",
+            kinds=tuple(dict.fromkeys(args.topics)),
+            session_expiry=session_expiry(args.session_expiry), username=args.username,
+            password=password, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+            batch=args.batch, batch_interval=args.batch_ms / 1000), args.database)
+        return 0
+
+    text = "store a fleet's results from a broker in a database, each once; query it"
+    cmd = sub.add_parser("collect", help=text, description=text + " (docs/fleet.md)")
+    cmd.add_argument("--database", metavar="URL", default="sqlite:///edged-results.db",
+                     help="sqlite:///PATH (relative; sqlite:////ABS/PATH) or postgresql://"
+                          "USER@HOST[:PORT]/NAME (the collect extra) (default: %(default)s)")
+    mqtt = cmd.add_argument_group("collecting")
+    mqtt.add_argument("--broker", metavar="HOST[:PORT]", help="the central broker (MQTT 5)")
+    mqtt.add_argument("--group", default="edged", help="shared-subscription group: collectors "
+                      "of one group split the messages (default: %(default)s)")
+    mqtt.add_argument("--prefix", default="edged", help="the devices' topic prefix "
+                      "(default: %(default)s)")
+    mqtt.add_argument("--topics", nargs="+", choices=("result", "events", "lines"),
+                      default=["result", "events", "lines"], metavar="KIND",
+                      help="what to collect: result, events, lines (default: all three)")
+    mqtt.add_argument("--client-id", metavar="ID", help="MQTT client id, one per collector; "
+                      "its session outlives a restart (default: edged-collect-GROUP-HOSTNAME)")
+    mqtt.add_argument("--session-expiry", type=float, default=86400, metavar="SECONDS",
+                      help="how long the broker keeps this collector's messages while it is "
+                           "away (default: %(default)g)")
+    mqtt.add_argument("--username", help="broker user name")
+    mqtt.add_argument("--password-env", metavar="VAR",
+                      help="environment variable holding the broker password")
+    mqtt.add_argument("--tls-ca", metavar="FILE", help="TLS: CA certificate of the broker")
+    mqtt.add_argument("--tls-cert", metavar="FILE", help="TLS: client certificate")
+    mqtt.add_argument("--tls-key", metavar="FILE", help="TLS: client certificate's key")
+    mqtt.add_argument("--batch", type=int, default=500, metavar="N",
+                      help="commit after N messages ... (default: %(default)s)")
+    mqtt.add_argument("--batch-ms", type=float, default=50, metavar="MS",
+                      help="... or MS milliseconds after the first (default: %(default)g)")
+    query = cmd.add_argument_group("querying (instead of collecting)")
+    query.add_argument("--query", metavar="NAME",
+                       help="print a built-in query: counts, zones, lines or last")
+    query.add_argument("--since", metavar="TIME", help="only from this ISO time on (UTC)")
+    query.add_argument("--device", metavar="ID", help="only this device")
+    query.add_argument("--json", action="store_true", help="JSON instead of a table")
+    cmd.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                     default="info")
+    cmd.set_defaults(func=collect)
+
+
 # --- edged plan (memory-aware scheduler; owned by edged/schedule) ---
 def _add_plan_command(sub: argparse._SubParsersAction) -> None:
     """``edged plan MODEL.onnx``: live memory per step, file order vs the best order."""
@@ -382,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models_commands(sub)
     _add_convert_command(sub)
     _add_plan_command(sub)
+    _add_collect_command(sub)
     return parser
 
 
